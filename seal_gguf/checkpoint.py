@@ -1,0 +1,145 @@
+"""Reading HF safetensors checkpoints lazily: shard discovery, raw headers, single tensors.
+
+Pickled checkpoints (pytorch_model.bin) are never loaded: unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .architectures import ModelLayout
+from .errors import InputError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+INDEX_NAME = "model.safetensors.index.json"
+# Files that hold weights in another format: never copied next to folded safetensors.
+FOREIGN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    path: Path
+    header_bytes: bytes  # the 8-byte length and the JSON header, exactly as stored
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards of a model folder, in index order when there is an index."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{index}: not a valid safetensors index ({exc})") from None
+        files = [model_dir / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    if any(model_dir.glob("pytorch_model*.bin")) or any(model_dir.glob("*.pt")):
+        raise InputError(
+            f"{model_dir}: holds only pickled weights (.bin/.pt), which seal-gguf does not load because "
+            "unpickling can run code; save the model with safetensors first"
+        )
+    raise InputError(f"{model_dir}: no *.safetensors weights found")
+
+
+def read_header(path: Path) -> ShardHeader:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise InputError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > size - 8 or n > 100 << 20:
+                raise InputError(f"{path}: corrupt safetensors header (length {n} for a {size}-byte file)")
+            header_json = f.read(n)
+        header: dict[str, Any] = json.loads(header_json)
+    except InputError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
+    data_start = 8 + n
+    tensors: dict[str, TensorEntry] = {}
+    metadata: dict[str, str] = {}
+    try:
+        for name, info in header.items():
+            if name == "__metadata__":
+                metadata = dict(info or {})
+                continue
+            begin, end = info["data_offsets"]
+            entry = TensorEntry(name, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + end)
+            if entry.end > size or entry.begin > entry.end:
+                raise InputError(f"{path}: truncated: tensor {name} lies past the end of the file")
+            tensors[name] = entry
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(f"{path}: corrupt safetensors header ({exc})") from None
+    return ShardHeader(path, raw_len + header_json, tensors, metadata)
+
+
+def tensor_from_bytes(data: bytes, entry: TensorEntry) -> torch.Tensor:
+    dtype = SAFETENSORS_DTYPES.get(entry.dtype)
+    if dtype is None:
+        raise InputError(
+            f"tensor {entry.name} is stored as {entry.dtype}; only F32, F16 and BF16 checkpoints can be folded"
+        )
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(entry.shape)
+
+
+def read_tensor(entry: TensorEntry, path: Path) -> torch.Tensor:
+    with open(path, "rb") as f:
+        f.seek(entry.begin)
+        return tensor_from_bytes(f.read(entry.end - entry.begin), entry)
+
+
+def locate_o_proj(headers: list[ShardHeader], layout: ModelLayout) -> dict[int, tuple[ShardHeader, TensorEntry]]:
+    """Where each layer's o_proj weight is stored; checks that all exist with the right width."""
+    found: dict[int, tuple[ShardHeader, TensorEntry]] = {}
+    by_name = {name: (h, e) for h in headers for name, e in h.tensors.items()}
+    for layer in range(layout.num_layers):
+        name = layout.o_proj_weight(layer)
+        if name not in by_name:
+            raise InputError(f"checkpoint has no tensor {name}; is it a complete {layout.model_type} model?")
+        header, entry = by_name[name]
+        if len(entry.shape) != 2 or entry.shape[1] != layout.attn_width:
+            raise InputError(
+                f"{name} has shape {list(entry.shape)}, expected [*, {layout.attn_width}] "
+                f"({layout.num_heads} heads x {layout.head_dim})"
+            )
+        found[layer] = (header, entry)
+    return found
+
+
+def model_fingerprint(model_dir: Path, layout: ModelLayout) -> str:
+    """A short id of the weights: sha256 of layer 0's o_proj as stored."""
+    headers = [read_header(p) for p in weight_files(model_dir)]
+    header, entry = locate_o_proj(headers, layout)[0]
+    with open(header.path, "rb") as f:
+        f.seek(entry.begin)
+        return hashlib.sha256(f.read(entry.end - entry.begin)).hexdigest()[:16]

@@ -1,0 +1,65 @@
+"""The root click group and what every command shares: error handling and common options."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from pathlib import Path
+
+from .. import __version__
+from ..errors import SealError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "-V", "--version", prog_name="seal-gguf")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """seal-gguf: learn SEAL attention scales, fold them into the weights, ship a GGUF.
+
+    \b
+    Typical flow:
+      seal-gguf import-gguf SmolLM2.gguf smol/          # or start from any HF folder
+      seal-gguf train smol/ -o scales.safetensors       # learn SEAL-H scales
+      seal-gguf fold-and-convert smol/ scales.safetensors -o smol-seal.gguf --outtype q8_0
+      seal-gguf validate smol/ scales.safetensors smol-seal.gguf
+      seal-gguf chat smol-seal.gguf
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into one line on stderr and exit 1; Ctrl-C into exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool((click.get_current_context().find_root().obj or {}).get("debug"))
+        try:
+            return func(*args, **kwargs)
+        except SealError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; no partial output was left behind.", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+force_option = click.option("--force", is_flag=True, help="Replace an existing output / fold an already-folded model.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+
+# Paths are checked by the library, which names the file and says what to do.
+PATH = click.Path(path_type=Path)

@@ -1,0 +1,101 @@
+"""Commands on HF checkpoints and scales files: inspect, fold, import-gguf."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..fold import fold_checkpoint
+from ..import_gguf import DTYPES, import_gguf
+from ..inspection import inspect_path
+from .app import PATH, cli, force_option, handle_errors, quiet_option
+
+
+@cli.command()
+@click.argument("path", type=PATH)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def inspect(path: Path, as_json: bool) -> None:
+    """Describe a scales file, or show the SEAL provenance of a GGUF or model folder.
+
+    \b
+    Examples:
+      seal-gguf inspect scales.safetensors
+      seal-gguf inspect smol-seal-q8_0.gguf
+      seal-gguf inspect smol-folded/
+    """
+    report = inspect_path(path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    if report["kind"] == "scales":
+        meta = report["metadata"]
+        click.echo(f"{path}: SEAL scales, {report['granularity']} granularity, shape {report['shape']}")
+        click.echo(f"  model_type {meta.get('model_type')}, sha256 {report['sha256'][:16]}...")
+        click.echo(f"  min {report['min']:.4f}  max {report['max']:.4f}  mean {report['mean']:.4f}  "
+                   f"geomean {report['geomean']:.4f}")
+        for title, key in (("most amplified", "amplified"), ("most suppressed", "suppressed")):
+            heads = ", ".join(f"L{layer}.H{head}={value:.3f}" for layer, head, value in report[key])
+            click.echo(f"  {title}: {heads}")
+        provenance = {k: v for k, v in meta.items()
+                      if k not in ("format", "granularity", "model_type", "num_layers", "num_heads", "head_dim")}
+        for key, value in provenance.items():
+            click.echo(f"  {key}: {value}")
+    elif report["kind"] == "gguf":
+        meta = report["metadata"]
+        seal = {k: v for k, v in meta.items() if k.startswith("seal.")}
+        click.echo(f"{path}: GGUF, architecture {meta.get('general.architecture')}")
+        if not seal:
+            click.echo("  no SEAL provenance (seal.* keys): not folded by seal-gguf")
+        for key, value in seal.items():
+            click.echo(f"  {key}: {value}")
+    else:
+        click.echo(f"{path}: model folder, model_type {report['model_type']}")
+        fold = report["seal_fold"]
+        if not fold:
+            click.echo("  no SEAL scales folded in")
+        else:
+            for key, value in fold.items():
+                click.echo(f"  seal_fold.{key}: {value}")
+
+
+@cli.command()
+@click.argument("model_dir", type=PATH)
+@click.argument("scales", type=PATH)
+@click.option("-o", "--output", "out_dir", type=PATH, required=True, help="Folder for the folded checkpoint.")
+@force_option
+@quiet_option
+@handle_errors
+def fold(model_dir: Path, scales: Path, out_dir: Path, force: bool, quiet: bool) -> None:
+    """Fold SEAL scales into an HF checkpoint's o_proj weights.
+
+    Column j of every o_proj weight is multiplied by s[j]; every other tensor is copied byte for
+    byte, with tokenizer, chat template and configs. Tensors are streamed one at a time.
+
+    \b
+    Example:
+      seal-gguf fold smol/ scales.safetensors -o smol-seal/
+    """
+    result = fold_checkpoint(model_dir, scales, out_dir, force=force, progress=not quiet)
+    click.echo(f"Folded {result.layers} o_proj weights into {result.out_dir} "
+               f"(largest |weight| {result.max_abs_weight:.4g})")
+
+
+@cli.command("import-gguf")
+@click.argument("gguf_file", type=PATH)
+@click.argument("out_dir", type=PATH)
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
+              help="Dtype of the dequantized weights.")
+@force_option
+@handle_errors
+def import_gguf_cmd(gguf_file: Path, out_dir: Path, dtype: str, force: bool) -> None:
+    """Turn a GGUF into a plain HF checkpoint (dequantized) with tokenizer and chat template.
+
+    \b
+    Example:
+      seal-gguf import-gguf SmolLM2-135M-Instruct.Q4_1.gguf smol/
+    """
+    import_gguf(gguf_file, out_dir, dtype=dtype, force=force)
+    click.echo(f"Wrote {out_dir}")

@@ -1,0 +1,64 @@
+"""Every name that crosses a file boundary: scales-file fields, config.json and GGUF keys."""
+
+from __future__ import annotations
+
+# -- the scales file (safetensors) --
+SCALES_TENSOR = "seal_scales"
+SCALES_FORMAT = "seal-scales/1"
+
+
+class ScalesMeta:
+    """Keys of the scales file's safetensors metadata (all values are strings)."""
+
+    FORMAT = "format"
+    GRANULARITY = "granularity"
+    MODEL_TYPE = "model_type"
+    NUM_LAYERS = "num_layers"
+    NUM_HEADS = "num_heads"
+    HEAD_DIM = "head_dim"
+    # optional provenance
+    TASK = "task"
+    SAMPLES = "samples"
+    LENGTH = "length"
+    LR = "lr"
+    SEED = "seed"
+    BASE_FINGERPRINT = "base_fingerprint"
+    SEAL_GGUF_VERSION = "seal_gguf_version"
+    COMMAND = "command"
+    HELDOUT_BEFORE = "heldout_accuracy_before"
+    HELDOUT_AFTER = "heldout_accuracy_after"
+    ROPE_SCALING = "rope_scaling"
+
+
+REQUIRED_SCALES_META = (
+    ScalesMeta.FORMAT,
+    ScalesMeta.GRANULARITY,
+    ScalesMeta.MODEL_TYPE,
+    ScalesMeta.NUM_LAYERS,
+    ScalesMeta.NUM_HEADS,
+    ScalesMeta.HEAD_DIM,
+)
+
+GRANULARITY_HEAD = "head"
+GRANULARITY_CHANNEL = "channel"
+GRANULARITIES = (GRANULARITY_HEAD, GRANULARITY_CHANNEL)
+
+# -- config.json of a folded HF checkpoint --
+CONFIG_FOLD_KEY = "seal_fold"
+
+
+# -- GGUF metadata written by the converter patch --
+class GGUFKeys:
+    FORMAT = "seal.format"
+    GRANULARITY = "seal.granularity"
+    SCALES_SHA256 = "seal.scales_sha256"
+    NUM_LAYERS = "seal.num_layers"
+    NUM_HEADS = "seal.num_heads"
+    HEAD_DIM = "seal.head_dim"
+    VERSION = "seal.seal_gguf_version"
+
+
+GGUF_SEAL_PREFIX = "seal."
+
+# Largest finite float16 value: folded weights beyond it cannot be written as f16.
+F16_MAX = 65504.0

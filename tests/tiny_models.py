@@ -1,0 +1,60 @@
+"""Tiny random models of every supported architecture, saved as HF folders for the tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# hidden 256 and head_dim 64 keep every row a multiple of 256, so llama.cpp's k-quants apply.
+BASE: dict[str, Any] = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    initializer_range=0.08,
+    rms_norm_eps=1e-6,
+)
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
+    # q/k/v biases: folding must leave them alone
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=False),
+    # explicit head_dim: attention width 4 x 32 = 128 differs from hidden_size 256
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], head_dim=32, sliding_window=None),
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=64, tie_word_embeddings=False),
+    "gemma3_text": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=64,
+                        num_key_value_heads=1, sliding_window=512, query_pre_attn_scalar=64),
+    "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], num_key_value_heads=4,
+                 pad_token_id=0, tie_word_embeddings=False),
+}
+
+
+def build_tiny_model(
+    out_dir: Path,
+    model_type: str,
+    tokenizer_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+    **overrides: Any,
+) -> Path:
+    """Save a random model of `model_type` with SmolLM2's tokenizer to out_dir."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    spec = {**BASE, **CONFIGS[model_type], **overrides}
+    spec.pop("architectures")
+    kind = spec.pop("model_type")
+    config = AutoConfig.for_model(kind, vocab_size=49152, bos_token_id=1, eos_token_id=2, **spec)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    for item in Path(tokenizer_dir).iterdir():
+        if item.is_file() and item.name not in ("config.json", "generation_config.json"):
+            shutil.copy2(item, Path(out_dir) / item.name)
+    return Path(out_dir)
