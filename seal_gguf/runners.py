@@ -1,0 +1,202 @@
+"""Model runners for evaluation: a GGUF through llama-cpp-python, an HF folder through PyTorch.
+
+Both take the same prompt text (chat template included), tokenize it with their own tokenizer,
+add a BOS token only where the model asks for one and the text does not already start with it,
+and continue it greedily. Scoring needs nothing more: no logits are kept beyond the last position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .architectures import model_layout, read_config
+from .checkpoint import weight_files
+from .errors import EngineError, InputError
+from .fileio import require_file
+
+GGUF_MAGIC = b"GGUF"
+
+
+class Runner(Protocol):
+    name: str
+    n_ctx: int | None  # the context the runner was opened with; None: the model's own limit
+
+    def tokenize(self, prompt: str) -> list[int]: ...
+
+    def generate(self, prompt: str, max_tokens: int) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def is_gguf(path: Path) -> bool:
+    return Path(path).suffix.lower() == ".gguf" or (Path(path).is_file() and _magic(Path(path)) == GGUF_MAGIC)
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def require_gguf(path: Path) -> Path:
+    """A readable file that starts with the GGUF magic; llama.cpp is never handed anything else."""
+    path = require_file(Path(path), "GGUF file")
+    try:
+        magic = _magic(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    if magic != GGUF_MAGIC:
+        raise InputError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _with_prefix(ids: list[int], prefix: list[int]) -> list[int]:
+    """ids with the tokenizer's special prefix (BOS) added unless the text already starts with it."""
+    if prefix and ids[: len(prefix)] != prefix:
+        return prefix + ids
+    return ids
+
+
+def load_tokenizer(model: Path) -> Any:
+    """The transformers tokenizer of a GGUF or an HF model folder (cases are generated with it)."""
+    from transformers import AutoTokenizer
+
+    model = Path(model)
+    try:
+        if is_gguf(model):
+            model = require_gguf(model)
+            return AutoTokenizer.from_pretrained(str(model.parent), gguf_file=model.name)
+        read_config(model)
+        return AutoTokenizer.from_pretrained(str(model))
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError) as exc:
+        raise InputError(f"{model}: transformers cannot load its tokenizer ({_first_line(exc)})") from None
+
+
+class GGUFRunner:
+    """A GGUF run by llama-cpp-python: the prompt processed once, then greedy tokens."""
+
+    def __init__(self, path: Path, n_ctx: int | None = None, gpu: bool = False):
+        from llama_cpp import Llama
+
+        self.path = require_gguf(Path(path))
+        self.name = self.path.name
+        try:
+            # logits_all stays off: it would compute the vocabulary-wide output layer at every
+            # prompt position, which costs more than the rest of the model on small models.
+            self.llm = Llama(str(self.path), n_ctx=n_ctx or 0, n_gpu_layers=-1 if gpu else 0, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise InputError(f"{self.path}: llama.cpp cannot load this GGUF ({_first_line(exc)})") from None
+        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp adds BOS (add_special) only when the GGUF asks for it.
+        self._prefix = self.llm.tokenize(b"", add_bos=True, special=True)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        ids = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return _with_prefix(ids, self._prefix)
+
+    def generate(self, prompt: str, max_tokens: int) -> str:
+        ids = self.tokenize(prompt)
+        if len(ids) + max_tokens > self.n_ctx:
+            raise InputError(
+                f"{self.name}: a prompt of {len(ids)} tokens plus {max_tokens} answer tokens does not fit "
+                f"the context of {self.n_ctx} tokens"
+            )
+        try:
+            out = self.llm.create_completion(
+                ids, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(f"{self.name}: llama.cpp failed to generate ({_first_line(exc)})") from None
+        return str(out["choices"][0]["text"])  # type: ignore[index]
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class HFRunner:
+    """An HF folder run by PyTorch in float32, optionally with SEAL scales applied by hooks."""
+
+    def __init__(self, folder: Path, scales: Path | None = None, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM
+
+        from .fold import check_not_folded
+        from .hooks import attach_scales
+        from .scales import load_scales
+
+        self.path = Path(folder)
+        config = read_config(self.path)
+        weight_files(self.path)  # refuses folders with only pickled weights, before transformers sees them
+        self.name = self.path.name + (f"+{Path(scales).name}" if scales else "")
+        self.n_ctx = None
+        self.device = torch.device(device)
+        self.tokenizer = load_tokenizer(self.path)
+        layout = model_layout(self.path) if scales else None
+        if scales:
+            check_not_folded(config, str(self.path), force=False)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(self.path), dtype=torch.float32, use_safetensors=True
+            ).to(self.device).eval()
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            raise InputError(f"{self.path}: transformers cannot load this model ({_first_line(exc)})") from None
+        self.hooks = None
+        if scales and layout is not None:
+            values = load_scales(Path(scales), layout).values.to(self.device)
+            self.hooks = attach_scales(self.model, layout, values)
+        self._prefix = self._special_prefix()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self._eos = {int(i) for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
+
+    def _special_prefix(self) -> list[int]:
+        """The tokens the tokenizer puts before any text (BOS or nothing)."""
+        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        return full[: len(full) - len(bare)] if full[-len(bare):] == bare else []
+
+    def tokenize(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return _with_prefix(list(ids), self._prefix)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_tokens: int) -> str:
+        ids = torch.tensor([self.tokenize(prompt)], device=self.device)
+        new: list[int] = []
+        past = None
+        # A plain greedy loop (no generation_config defaults such as repetition penalties), so the
+        # PyTorch answer is the argmax continuation, exactly what llama.cpp's greedy sampler gives.
+        for _ in range(max_tokens):
+            out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = out.past_key_values
+            token = int(out.logits[0, -1].argmax())
+            if token in self._eos:
+                break
+            new.append(token)
+            ids = torch.tensor([[token]], device=self.device)
+        return str(self.tokenizer.decode(new, skip_special_tokens=True))
+
+    def close(self) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()
+        del self.model
+
+
+def open_runner(model: Path, scales: Path | None = None, n_ctx: int | None = None, device: str = "cpu") -> Runner:
+    """A GGUF file runs in llama.cpp (scales must already be folded in); a folder runs in PyTorch."""
+    model = Path(model)
+    if model.is_dir():
+        return HFRunner(model, scales=scales, device=device)
+    if not model.exists():
+        raise InputError(f"{model}: no such GGUF file or model folder")
+    if scales:
+        raise InputError(
+            f"{model}: --scales applies to HF model folders only; a GGUF carries its scales folded into its weights"
+        )
+    return GGUFRunner(model, n_ctx=n_ctx, gpu=device != "cpu")
