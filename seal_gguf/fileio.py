@@ -48,9 +48,10 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
+        # after the block: writers such as safetensors replace the file, losing a chmod made before
+        os.chmod(tmp, 0o666 & ~_umask())
         if path.is_dir():
             _remove(path)
         os.replace(tmp, path)

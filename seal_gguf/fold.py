@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .architectures import ModelLayout, read_config, layout_from_config
+from .architectures import ModelLayout, layout_from_config, read_config
 from .checkpoint import (
     FOREIGN_WEIGHT_SUFFIXES,
     ShardHeader,

@@ -7,6 +7,8 @@ and continue it greedily. Scoring needs nothing more: no logits are kept beyond 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,7 +77,9 @@ def load_tokenizer(model: Path) -> Any:
             return AutoTokenizer.from_pretrained(str(model.parent), gguf_file=model.name)
         read_config(model)
         return AutoTokenizer.from_pretrained(str(model))
-    except (ValueError, KeyError, OSError, RuntimeError, TypeError) as exc:
+    except InputError:
+        raise
+    except Exception as exc:  # transformers' GGUF reader raises bare struct/index errors on corrupt files
         raise InputError(f"{model}: transformers cannot load its tokenizer ({_first_line(exc)})") from None
 
 
@@ -120,6 +124,20 @@ class GGUFRunner:
         self.llm.close()
 
 
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No weight-loading bar from transformers: the evaluation's own bar is the one to watch."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 class HFRunner:
     """An HF folder run by PyTorch in float32, optionally with SEAL scales applied by hooks."""
 
@@ -141,9 +159,10 @@ class HFRunner:
         if scales:
             check_not_folded(config, str(self.path), force=False)
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                str(self.path), dtype=torch.float32, use_safetensors=True
-            ).to(self.device).eval()
+            with _quiet_transformers():
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    str(self.path), dtype=torch.float32, use_safetensors=True
+                ).to(self.device).eval()
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             raise InputError(f"{self.path}: transformers cannot load this model ({_first_line(exc)})") from None
         self.hooks = None
@@ -167,19 +186,17 @@ class HFRunner:
 
     @torch.no_grad()
     def generate(self, prompt: str, max_tokens: int) -> str:
+        from transformers import GenerationConfig
+
         ids = torch.tensor([self.tokenize(prompt)], device=self.device)
-        new: list[int] = []
-        past = None
-        # A plain greedy loop (no generation_config defaults such as repetition penalties), so the
-        # PyTorch answer is the argmax continuation, exactly what llama.cpp's greedy sampler gives.
-        for _ in range(max_tokens):
-            out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
-            token = int(out.logits[0, -1].argmax())
-            if token in self._eos:
-                break
-            new.append(token)
-            ids = torch.tensor([[token]], device=self.device)
+        # A fresh config, not the model's generation_config: no sampling, no repetition penalty,
+        # so the answer is the argmax continuation, as llama.cpp's greedy sampler gives.
+        config = GenerationConfig(
+            max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(self._eos),
+            pad_token_id=min(self._eos) if self._eos else 0,
+        )
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        new = out[0, ids.shape[1]:].tolist()
         return str(self.tokenizer.decode(new, skip_special_tokens=True))
 
     def close(self) -> None:

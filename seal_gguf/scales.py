@@ -18,7 +18,6 @@ from . import __version__
 from .architectures import ModelLayout
 from .constants import (
     GRANULARITIES,
-    GRANULARITY_CHANNEL,
     GRANULARITY_HEAD,
     REQUIRED_SCALES_META,
     SCALES_FORMAT,

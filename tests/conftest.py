@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models import build_tiny_model
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

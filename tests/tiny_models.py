@@ -41,9 +41,15 @@ def build_tiny_model(
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
     seed: int = 0,
+    spm_tokenizer: bool = False,
     **overrides: Any,
 ) -> Path:
-    """Save a random model of `model_type` with SmolLM2's tokenizer to out_dir."""
+    """Save a random model of `model_type` with SmolLM2's tokenizer to out_dir.
+
+    spm_tokenizer adds a small SentencePiece tokenizer.model, which llama.cpp's converter prefers
+    for qwen2 and phi3: their HF tokenizer classes (chosen from model_type by transformers 5)
+    re-tokenize SmolLM2's vocabulary in a way the converter does not recognize.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -57,4 +63,23 @@ def build_tiny_model(
     for item in Path(tokenizer_dir).iterdir():
         if item.is_file() and item.name not in ("config.json", "generation_config.json"):
             shutil.copy2(item, Path(out_dir) / item.name)
+    if spm_tokenizer:
+        write_spm_tokenizer(Path(out_dir) / "tokenizer.model", tokenizer_dir)
     return Path(out_dir)
+
+
+def write_spm_tokenizer(path: Path, tokenizer_dir: Path) -> None:
+    """A byte-fallback SentencePiece BPE model trained on SmolLM2's vocabulary (deterministic)."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    vocab = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    words = [w.replace("\u0120", " ").replace("\u010a", "\n") for w in sorted(vocab, key=vocab.get)]
+    lines = [" ".join(words[i:i + 40]) for i in range(0, 20000, 40)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=1000,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import model_cmds  # noqa: F401  (each module registers its commands on `cli`)
+# Each module registers its commands on `cli` when imported.
+from . import convert_cmds, demo_cmds, eval_cmds, model_cmds, train_cmds, validate_cmds  # noqa: F401
 from .app import cli
 
 

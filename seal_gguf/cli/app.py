@@ -6,10 +6,10 @@ import functools
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from pathlib import Path
 
 from .. import __version__
 from ..errors import SealError

