@@ -53,7 +53,8 @@ CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
 SEAL_MODULE = "seal_scales.py"  # the file the patch adds next to the converter
 # What convert_hf_to_gguf.py reads at run time, relative to the llama.cpp root.
 CONVERTER_FILES = (CONVERTER_SCRIPT, "LICENSE", "conversion/", "gguf-py/", "models/templates/")
-PATCHES_DIR = Path(__file__).resolve().parent.parent / "patches"
+# seal_gguf/patches is a link to the top-level patches/ in a checkout, a real folder in a wheel.
+PATCHES_DIR = Path(__file__).resolve().parent / "patches"
 READY_MARKER = ".seal-gguf-ready"
 # the converter's own progress bar: "Writing:  45%|████▌     | 123M/270M ..."
 CONVERTER_STEP = re.compile(r"Writing:\s+(?P<done>\d+)%")
