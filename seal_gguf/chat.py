@@ -12,13 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from .errors import EngineError, InputError
 from .fileio import require_file
-from .runners import require_gguf
+from .runners import first_line, require_gguf
 
 DEFAULT_N_CTX = 4096
 REPLY_RESERVE = 1024  # tokens kept free for the conversation after a document
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+GGUF_TEMPLATE_FORMAT = "chat_template.default"  # llama-cpp-python's name for "the GGUF's own template"
 
 
 class ContextFull(InputError):
@@ -49,6 +52,7 @@ class ChatSession:
         max_tokens: int | None = 512,
         temperature: float = 0.2,
         seed: int = 0,
+        threads: int | None = None,
     ):
         self.path = require_gguf(Path(path))
         self.name = self.path.name
@@ -57,6 +61,7 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.seed = seed
+        self.threads = threads
         self.messages: list[dict[str, str]] = []
         self.finish_reason: str | None = None
         self.llm = self._open(n_ctx or DEFAULT_N_CTX)
@@ -75,10 +80,10 @@ class ChatSession:
         from llama_cpp import Llama
 
         try:
-            return Llama(str(self.path), n_ctx=n_ctx, seed=self.seed, verbose=False)
+            return Llama(str(self.path), n_ctx=n_ctx, seed=self.seed, verbose=False,
+                         n_threads=self.threads, n_threads_batch=self.threads)
         except (ValueError, RuntimeError, OSError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"{self.path}: llama.cpp cannot load this GGUF ({first})") from None
+            raise InputError(f"{self.path}: llama.cpp cannot load this GGUF ({first_line(exc)})") from None
 
     def _trained_context(self) -> int | None:
         meta = self.llm.metadata
@@ -98,9 +103,48 @@ class ChatSession:
         """Forget the conversation (the document comes back with the next message)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self._document_pending = bool(self.document)
+        self.llm.reset()
 
-    def ask(self, text: str) -> Iterator[str]:
-        """Stream the reply to `text` piece by piece; the finished reply joins the history."""
+    def _template_tokens(self) -> list[int] | None:
+        """The prompt llama-cpp-python builds from the GGUF's template for the current messages."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if self.llm.chat_format != GGUF_TEMPLATE_FORMAT:
+            return None  # a built-in format llama-cpp-python chose: not worth mirroring
+
+        def text(token: int) -> str:
+            return self.llm.detokenize([token], special=True).decode("utf-8", "replace") if token != -1 else ""
+
+        formatter = Jinja2ChatFormatter(template=self.llm.metadata[CHAT_TEMPLATE_KEY],
+                                        eos_token=text(self.llm.token_eos()), bos_token=text(self.llm.token_bos()))
+        result = formatter(messages=self.messages)
+        return list(self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True))
+
+    def _prefill(self) -> None:
+        """Read a long fresh prompt (a document) in batches under a progress bar.
+
+        llama-cpp-python evaluates the prompt in one silent call; evaluated here first, the chat
+        call finds it in the cache (prefix match) and only generates. Should the tokens differ,
+        the chat call evaluates the difference itself: slower, never wrong.
+        """
+        if self.llm.n_tokens:
+            return
+        tokens = self._template_tokens()
+        batch = int(self.llm.n_batch)
+        if tokens is None or len(tokens) <= batch or len(tokens) >= self.n_ctx:
+            return
+        todo = tokens[:-1]  # the chat call always evaluates the last prompt token itself
+        with tqdm(total=len(todo), unit="tok", desc="reading the prompt", leave=False, dynamic_ncols=True) as bar:
+            for start in range(0, len(todo), batch):
+                chunk = todo[start:start + batch]
+                self.llm.eval(chunk)
+                bar.update(len(chunk))
+
+    def ask(self, text: str, progress: bool = False) -> Iterator[str]:
+        """Stream the reply to `text` piece by piece; the finished reply joins the history.
+
+        progress: show a bar while a long fresh prompt (a document) is read.
+        """
         content = text
         if self._document_pending:
             content = f"{self.document}\n\n{text}"
@@ -108,6 +152,8 @@ class ChatSession:
         pieces: list[str] = []
         self.finish_reason = None
         try:
+            if progress:
+                self._prefill()
             stream = self.llm.create_chat_completion(
                 self.messages, stream=True, max_tokens=self.max_tokens, temperature=self.temperature,
                 seed=self.seed,
@@ -120,11 +166,11 @@ class ChatSession:
                     yield piece
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:
             self.messages.pop()
             if "exceed context window" in str(exc):
                 raise self._overflow(str(exc)) from None
-            raise EngineError(f"{self.name}: llama.cpp failed to answer ({exc})") from None
+            raise EngineError(f"{self.name}: llama.cpp failed to answer ({first_line(exc)})") from None
         except BaseException:
             self.messages.pop()  # an interrupted turn leaves no half answer in the history
             raise

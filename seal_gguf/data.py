@@ -151,7 +151,7 @@ class Case:
     answer: str  # label continuation after the prompt, e.g. " 31452."
     expected: str  # the value to retrieve, e.g. "31452"
     length: int  # prompt tokens, counted as in the module docstring
-    depth: float | None  # where the line / needle sits, 0..100 percent of the context
+    depth: float | None  # where the queried line / needle sits: 0..100 percent of the record / haystack
     seed: int
 
 
@@ -181,10 +181,15 @@ def _adds_bos(tokenizer: Any) -> bool:
 def wrap_prompt(tokenizer: Any, message: str, prefix: str) -> str:
     """The model's chat template around the user message, then the answer prefix (see module doc)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True,
-            enable_thinking=False,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True,
+                enable_thinking=False,  # templates with a thinking mode: answer directly
+            )
+        except (TemplateError, ValueError, TypeError) as exc:
+            raise InputError(f"the tokenizer's chat template failed on a user message ({exc})") from None
     else:
         text = message + "\n\n"
     text += prefix

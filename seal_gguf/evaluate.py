@@ -229,8 +229,12 @@ def evaluate(
     progress: bool = True,
     max_tokens: int = 16,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> EvalReport:
-    """Run every model on the same cases. `scales` is applied (by hooks) to the HF folders only."""
+    """Run every model on the same cases. `scales` is applied (by hooks) to the HF folders only.
+
+    threads: CPU threads per model (None: llama.cpp's and PyTorch's own defaults).
+    """
     models = [Path(m) for m in models]
     lengths = sorted(set(int(x) for x in lengths))
     scales = Path(scales) if scales else None
@@ -240,7 +244,12 @@ def evaluate(
     depth_list = sorted(set(float(d) for d in depths)) if depths is not None else None
     names = model_names(models, scales)
 
-    cases = generate_cases(load_tokenizer(models[0]), task, lengths, samples, seed, depth_list)
+    try:
+        tokenizer = load_tokenizer(models[0])
+    except InputError as exc:
+        raise InputError(f"{exc}; the cases are generated with the first model's tokenizer, so list a model "
+                         "whose tokenizer transformers can read (an HF folder) first") from None
+    cases = generate_cases(tokenizer, task, lengths, samples, seed, depth_list)
     n_ctx = max(lengths) + max_tokens + N_CTX_SLACK
     report = EvalReport(task, lengths, samples, seed, depth_list, max_tokens)
     total = sum(len(c) for c in cases.values()) * len(models)
@@ -248,7 +257,7 @@ def evaluate(
         for name, model in zip(names, models, strict=True):
             bar.set_description(name)
             model_scales = scales if model.is_dir() else None
-            runner = open_runner(model, scales=model_scales, n_ctx=n_ctx, device=device)
+            runner = open_runner(model, scales=model_scales, n_ctx=n_ctx, device=device, threads=threads)
             mismatches, seconds_total = 0, 0.0
             try:
                 for length in lengths:

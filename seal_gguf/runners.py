@@ -54,7 +54,7 @@ def require_gguf(path: Path) -> Path:
     return path
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -80,13 +80,13 @@ def load_tokenizer(model: Path) -> Any:
     except InputError:
         raise
     except Exception as exc:  # transformers' GGUF reader raises bare struct/index errors on corrupt files
-        raise InputError(f"{model}: transformers cannot load its tokenizer ({_first_line(exc)})") from None
+        raise InputError(f"{model}: transformers cannot load its tokenizer ({first_line(exc)})") from None
 
 
 class GGUFRunner:
     """A GGUF run by llama-cpp-python: the prompt processed once, then greedy tokens."""
 
-    def __init__(self, path: Path, n_ctx: int | None = None, gpu: bool = False):
+    def __init__(self, path: Path, n_ctx: int | None = None, gpu: bool = False, threads: int | None = None):
         from llama_cpp import Llama
 
         self.path = require_gguf(Path(path))
@@ -94,9 +94,10 @@ class GGUFRunner:
         try:
             # logits_all stays off: it would compute the vocabulary-wide output layer at every
             # prompt position, which costs more than the rest of the model on small models.
-            self.llm = Llama(str(self.path), n_ctx=n_ctx or 0, n_gpu_layers=-1 if gpu else 0, verbose=False)
+            self.llm = Llama(str(self.path), n_ctx=n_ctx or 0, n_gpu_layers=-1 if gpu else 0, verbose=False,
+                             n_threads=threads, n_threads_batch=threads)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise InputError(f"{self.path}: llama.cpp cannot load this GGUF ({_first_line(exc)})") from None
+            raise InputError(f"{self.path}: llama.cpp cannot load this GGUF ({first_line(exc)})") from None
         self.n_ctx = self.llm.n_ctx()
         # llama.cpp adds BOS (add_special) only when the GGUF asks for it.
         self._prefix = self.llm.tokenize(b"", add_bos=True, special=True)
@@ -117,7 +118,7 @@ class GGUFRunner:
                 ids, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0
             )
         except (ValueError, RuntimeError) as exc:
-            raise EngineError(f"{self.name}: llama.cpp failed to generate ({_first_line(exc)})") from None
+            raise EngineError(f"{self.name}: llama.cpp failed to generate ({first_line(exc)})") from None
         return str(out["choices"][0]["text"])  # type: ignore[index]
 
     def close(self) -> None:
@@ -141,7 +142,7 @@ def _quiet_transformers() -> Iterator[None]:
 class HFRunner:
     """An HF folder run by PyTorch in float32, optionally with SEAL scales applied by hooks."""
 
-    def __init__(self, folder: Path, scales: Path | None = None, device: str = "cpu"):
+    def __init__(self, folder: Path, scales: Path | None = None, device: str = "cpu", threads: int | None = None):
         from transformers import AutoModelForCausalLM
 
         from .fold import check_not_folded
@@ -164,7 +165,7 @@ class HFRunner:
                     str(self.path), dtype=torch.float32, use_safetensors=True
                 ).to(self.device).eval()
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
-            raise InputError(f"{self.path}: transformers cannot load this model ({_first_line(exc)})") from None
+            raise InputError(f"{self.path}: transformers cannot load this model ({first_line(exc)})") from None
         self.hooks = None
         if scales and layout is not None:
             values = load_scales(Path(scales), layout).values.to(self.device)
@@ -173,6 +174,9 @@ class HFRunner:
         eos = self.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         self._eos = {int(i) for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
+        self._threads_before = torch.get_num_threads()  # a process-wide setting: restored by close()
+        if threads:
+            torch.set_num_threads(threads)
 
     def _special_prefix(self) -> list[int]:
         """The tokens the tokenizer puts before any text (BOS or nothing)."""
@@ -203,17 +207,19 @@ class HFRunner:
         if self.hooks is not None:
             self.hooks.remove()
         del self.model
+        torch.set_num_threads(self._threads_before)
 
 
-def open_runner(model: Path, scales: Path | None = None, n_ctx: int | None = None, device: str = "cpu") -> Runner:
+def open_runner(model: Path, scales: Path | None = None, n_ctx: int | None = None, device: str = "cpu",
+                threads: int | None = None) -> Runner:
     """A GGUF file runs in llama.cpp (scales must already be folded in); a folder runs in PyTorch."""
     model = Path(model)
     if model.is_dir():
-        return HFRunner(model, scales=scales, device=device)
+        return HFRunner(model, scales=scales, device=device, threads=threads)
     if not model.exists():
         raise InputError(f"{model}: no such GGUF file or model folder")
     if scales:
         raise InputError(
             f"{model}: --scales applies to HF model folders only; a GGUF carries its scales folded into its weights"
         )
-    return GGUFRunner(model, n_ctx=n_ctx, gpu=device != "cpu")
+    return GGUFRunner(model, n_ctx=n_ctx, gpu=device != "cpu", threads=threads)

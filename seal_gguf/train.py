@@ -263,7 +263,6 @@ def train_scales(
     model, layout = load_model(model_dir, torch_device, dtype, progress)
     fingerprint = model_fingerprint(model_dir, layout)
 
-    torch.manual_seed(seed)
     scales = nn.Parameter(identity_scales(layout, granularity).to(torch_device))
     before = after = None
     if heldout:

@@ -241,9 +241,10 @@ class GGUFInfo:
     block_count: int | None
     head_count: int | None
     head_count_kv: int | None
+    head_dim: int | None
     embedding_length: int | None
-    vocab_size: int | None
-    seal: dict[str, Any]
+    vocab_size: int
+    seal: dict[str, str]
 
 
 def file_type_name(value: int | None) -> str:
@@ -258,35 +259,29 @@ def file_type_name(value: int | None) -> str:
     return name.removeprefix("ALL_").removeprefix("MOSTLY_").lower()
 
 
-def read_gguf_info(path: Path) -> GGUFInfo:
-    from gguf import GGUFReader
+def gguf_info(path: Path, metadata: dict[str, str], n_vocab: int) -> GGUFInfo:
+    """The figures that identify a model, from a GGUF's metadata as llama.cpp reports it (strings)."""
+    arch = metadata.get("general.architecture", "")
 
-    path = require_gguf(Path(path))
-    try:
-        reader = GGUFReader(str(path), "r")
-    except Exception as exc:  # the reader raises bare ValueError / struct errors on corrupt files
-        raise InputError(f"{path}: not a readable GGUF file ({exc})") from None
+    def number(key: str) -> int | None:
+        value = metadata.get(key, "")
+        return int(value) if value.isdigit() else None  # absent, or a per-layer array: not compared
 
-    def value(key: str) -> Any:
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = str(value("general.architecture") or "")
-
-    def count(key: str) -> int | None:
-        v = value(f"{arch}.{key}")
-        return v if isinstance(v, int) else None  # per-layer arrays are not compared
-
-    vocab = count("vocab_size")
-    if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     return GGUFInfo(
-        path=str(path), architecture=arch, file_type=file_type_name(value("general.file_type")),
-        block_count=count("block_count"), head_count=count("attention.head_count"),
-        head_count_kv=count("attention.head_count_kv"), embedding_length=count("embedding_length"),
-        vocab_size=vocab,
-        seal={k: value(k) for k in reader.fields if k.startswith(GGUF_SEAL_PREFIX)},
+        path=str(path), architecture=arch, file_type=file_type_name(number("general.file_type")),
+        block_count=number(f"{arch}.block_count"), head_count=number(f"{arch}.attention.head_count"),
+        head_count_kv=number(f"{arch}.attention.head_count_kv"), head_dim=number(f"{arch}.attention.key_length"),
+        embedding_length=number(f"{arch}.embedding_length"), vocab_size=n_vocab,
+        seal={k: v for k, v in metadata.items() if k.startswith(GGUF_SEAL_PREFIX)},
     )
+
+
+def read_gguf_info(path: Path) -> GGUFInfo:
+    # llama.cpp's own view of the metadata: gguf's GGUFReader would parse every vocabulary entry
+    # (seconds per file), where this needs a handful of numbers.
+    path = require_gguf(Path(path))
+    with open_llama(path, n_ctx=MIN_CTX, logits_all=False) as llm:
+        return gguf_info(path, dict(llm.metadata), llm.n_vocab())
 
 
 def check_same_model(info: GGUFInfo, config: dict[str, Any], layout: ModelLayout, model_dir: Path) -> None:
@@ -301,6 +296,7 @@ def check_same_model(info: GGUFInfo, config: dict[str, Any], layout: ModelLayout
         "layers": (info.block_count, layout.num_layers),
         "attention heads": (info.head_count, layout.num_heads),
         "KV heads": (info.head_count_kv, config.get("num_key_value_heads", layout.num_heads)),
+        "head size": (info.head_dim, layout.head_dim),
         "hidden size": (info.embedding_length, config.get("hidden_size")),
         "vocabulary": (info.vocab_size, config.get("vocab_size")),
     }
@@ -664,8 +660,14 @@ def _level2_rows(results: Sequence[GGUFResult]) -> list[list[str]]:
             return "(not gated)"
         return "FAIL" if r.failures else "ok"
 
+    def versus_base(r: GGUFResult) -> str:
+        base = next((b for b in results if b.role == "base" and b.info.file_type == r.info.file_type), None)
+        if r.role != "seal" or base is None or base.summary.mean_kld == 0:
+            return ""
+        return f"{r.summary.mean_kld / base.summary.mean_kld:.2f}x"
+
     s = [r.summary for r in results]
-    return [
+    rows = [
         ["", *(Path(r.info.path).name for r in results)],
         ["role / type", *(f"{r.role} {r.info.file_type}" for r in results)],
         ["tokens scored", *(str(x.tokens) for x in s)],
@@ -683,6 +685,10 @@ def _level2_rows(results: Sequence[GGUFResult]) -> list[list[str]]:
         ["limit (mean KLD)", *(limit(r) for r in results)],
         ["result", *(verdict(r) for r in results)],
     ]
+    ratios = [versus_base(r) for r in results]
+    if any(ratios):  # folding's own cost: mean KLD over the base GGUF's of the same type
+        rows.insert(6, ["Mean KLD / base", *ratios])
+    return rows
 
 
 def _grid(rows: list[list[str]]) -> list[str]:

@@ -53,6 +53,23 @@ def test_session_keeps_history_and_resets(smollm2_gguf: Path) -> None:
 
 
 @pytest.mark.slow
+def test_document_read_under_a_progress_bar_gives_the_same_reply(smollm2_gguf: Path) -> None:
+    lines = [f"Shelf {i}: {i * 7 % 97} jars of jam." for i in range(48)]
+    lines.insert(24, "The spare key is under the blue flowerpot.")
+    document = "\n".join(lines)
+    replies, used = [], []
+    for progress in (False, True):
+        session = ChatSession(smollm2_gguf, document=document, max_tokens=12, temperature=0.0)
+        try:
+            replies.append("".join(session.ask("Where is the spare key?", progress=progress)))
+            used.append(session.tokens_used)
+        finally:
+            session.close()
+    assert used[0] > 512  # longer than one batch: read under the bar
+    assert replies[0] == replies[1] and used[0] == used[1]
+
+
+@pytest.mark.slow
 def test_interactive_loop_streams_replies_and_ends_on_eof(smollm2_gguf: Path) -> None:
     result = invoke(smollm2_gguf, "--max-tokens", 12, "--temperature", 0, input="Hello!\n\n/reset\nHi again\n")
     assert result.exit_code == 0, result.output

@@ -217,7 +217,7 @@ def test_eval_folded_tiny_gguf_answers_like_hooked_reference(tiny_model, tmp_pat
     gguf = convert(model_dir, tmp_path / "tiny-seal.gguf", "f32", scales, progress=False)
     out = tmp_path / "eval.json"
     result = invoke("eval", model_dir, gguf, "--scales", scales, "--task", "passkey", "--lengths", "128,200",
-                    "--samples", 3, "--max-tokens", 8, "--json", out, "-q")
+                    "--samples", 3, "--max-tokens", 8, "--threads", 1, "--json", out, "-q")
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [m["engine"] for m in report["models"]] == ["pytorch", "llama.cpp"]

@@ -118,6 +118,22 @@ def test_same_seed_same_scales(llama: Path) -> None:
     assert not torch.equal(first, run(1))
 
 
+def test_bfloat16_model_trains_float32_scales(llama: Path) -> None:
+    result = train_scales(llama, "channel", "passkey", samples=2, length=160, lr=0.05, seed=0, device="cpu",
+                          dtype="bfloat16", eval_samples=0, progress=False)
+    assert result.scales.dtype == torch.float32 and torch.isfinite(result.scales).all()
+    assert (result.scales != 1).any() and all(loss == loss for loss in result.losses)
+
+
+@pytest.mark.slow
+def test_smollm2_retrieves_the_pass_key(smollm2_dir: Path) -> None:
+    """The real model answers short pass-key prompts: prompts, greedy decoding and scoring fit together."""
+    model, _ = load_model(smollm2_dir, CPU, "float32", progress=False)
+    tokenizer = load_tokenizer(smollm2_dir)
+    cases = make_cases(tokenizer, "passkey", 300, 3, seed=0)
+    assert heldout_accuracy(model, tokenizer, cases, CPU, progress=False, desc="eval") == (3, 3)
+
+
 def test_cli_train_round_trip(llama: Path, tmp_path: Path) -> None:
     out, cases_file = tmp_path / "scales.safetensors", tmp_path / "cases.jsonl"
     args = ["train", str(llama), "-o", str(out), "--granularity", "channel", "--task", "niah", "--samples", "3",

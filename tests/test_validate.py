@@ -64,9 +64,9 @@ def random_scales(path: Path, model_dir: Path, granularity: str, values: torch.T
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 300 tokens of the built-in prose (no digits: see test_builtin_text)."""
+    """About 230 tokens of the built-in prose (no digits: see test_builtin_text)."""
     path = tmp_path_factory.mktemp("text") / "prose.txt"
-    path.write_text(builtin_documents()[0].text[:1400], encoding="utf-8")
+    path.write_text(builtin_documents()[0].text[:1000], encoding="utf-8")
     return path
 
 
@@ -87,6 +87,14 @@ def build(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFact
         return cache[(arch, granularity)]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def base_ggufs(build, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny llama without scales, through the same converter and quantizer."""
+    out = tmp_path_factory.mktemp("base")
+    f32 = convert(build("llama", "head")["model"], out / "base-f32.gguf", "f32", progress=False)
+    return {"f32": f32, "q8_0": quantize(f32, out / "base-q8_0.gguf", "q8_0", progress=False)}
 
 
 def run_validate(args: list[str]) -> tuple[int, str]:
@@ -125,7 +133,7 @@ def test_regression_every_type_passes(build, text_file: Path, tmp_path: Path, ar
     assert by_type["f32"]["mean_kld"] < by_type["q8_0"]["mean_kld"] < by_type["q4_k_m"]["mean_kld"]
 
 
-def test_misfolded_gguf_fails(build, text_file: Path, tmp_path: Path) -> None:
+def test_misfolded_gguf_fails(build, base_ggufs, text_file: Path, tmp_path: Path) -> None:
     """Scales on the wrong heads, or on the wrong layers, or none at all: caught at f32 and q8_0."""
     built = build("llama", "head")
     model_dir, scales = built["model"], built["scales"]
@@ -139,7 +147,7 @@ def test_misfolded_gguf_fails(build, text_file: Path, tmp_path: Path) -> None:
         wrong_scales = random_scales(tmp_path / f"{name}.safetensors", model_dir, "head", permuted)
         f32 = convert(model_dir, tmp_path / f"{name}-f32.gguf", "f32", wrong_scales, progress=False)
         ggufs += [f32, quantize(f32, tmp_path / f"{name}-q8_0.gguf", "q8_0", progress=False)]
-    unscaled = convert(model_dir, tmp_path / "unscaled-f32.gguf", "f32", progress=False)
+    unscaled = base_ggufs["f32"]
     report_path = tmp_path / "report.json"
     code, output = run_validate([str(model_dir), str(scales), *map(str, ggufs), str(unscaled),
                                  "--text", str(text_file), "--ctx", str(CTX), "--json", str(report_path)])
@@ -155,11 +163,10 @@ def test_misfolded_gguf_fails(build, text_file: Path, tmp_path: Path) -> None:
     assert "records scales sha256" in output and "has no seal.* keys" in output
 
 
-def test_base_gguf_side_by_side(build, text_file: Path, tmp_path: Path) -> None:
+def test_base_gguf_side_by_side(build, base_ggufs, text_file: Path, tmp_path: Path) -> None:
     built = build("llama", "channel")
     model_dir = built["model"]
-    base = convert(model_dir, tmp_path / "base-f32.gguf", "f32", progress=False)
-    base_q8 = quantize(base, tmp_path / "base-q8_0.gguf", "q8_0", progress=False)
+    base, base_q8 = base_ggufs["f32"], base_ggufs["q8_0"]
     report_path = tmp_path / "report.json"
     code, output = run_validate([str(model_dir), str(built["scales"]), str(built["ggufs"]["q8_0"]),
                                  "--base-gguf", str(base_q8), "--base-gguf", str(base),
@@ -203,7 +210,7 @@ def test_tokenizer_mismatch_fails_at_first_difference(build, tmp_path: Path, tex
     shutil.copytree(built["model"], model_dir)
     tokenizer = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     merges = tokenizer["model"]["merges"]
-    the = next(m for m in merges if m in ("Ġ the", ["Ġ", "the"]))
+    the = next(m for m in merges if "".join(m.split(" ") if isinstance(m, str) else m) == "\u0120the")
     merges.remove(the)  # " the" now splits into two tokens in transformers only
     (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
     args = [str(model_dir), str(built["scales"]), str(built["ggufs"]["f32"]), "--text", str(text_file),
@@ -213,9 +220,6 @@ def test_tokenizer_mismatch_fails_at_first_difference(build, tmp_path: Path, tex
     assert output.count("\n") == 1
     assert "tokenizes prose.txt differently from transformers, first at token" in output
     assert "' the'" in output
-    code, output = run_validate([*args, "--allow-token-mismatch"])
-    assert code == 0, output
-    assert "Warning:" in output and "both engines are given transformers' ids" in output
 
 
 def test_existing_json_refused_before_work(build, tmp_path: Path) -> None:

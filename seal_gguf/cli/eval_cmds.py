@@ -47,14 +47,16 @@ class NumberList(click.ParamType):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated cases.")
 @click.option("--scales", type=PATH, default=None, help="Scales file applied (by hooks) to the HF model folders.")
 @click.option("--max-tokens", type=int, default=16, show_default=True, help="Answer tokens generated per case.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per model [default: llama.cpp's and PyTorch's own].")
 @click.option("--json", "json_out", type=PATH, default=None, help="Write every case and figure as JSON.")
 @click.option("--plot", "plot_out", type=PATH, default=None, help="Write a plot (.png, .pdf or .svg).")
 @force_option
 @quiet_option
 @handle_errors
 def eval_cmd(models: tuple[Path, ...], task: str, lengths: list[int], samples: int, depths: list[float] | None,
-             seed: int, scales: Path | None, max_tokens: int, json_out: Path | None, plot_out: Path | None,
-             force: bool, quiet: bool) -> None:
+             seed: int, scales: Path | None, max_tokens: int, threads: int | None, json_out: Path | None,
+             plot_out: Path | None, force: bool, quiet: bool) -> None:
     """Measure retrieval accuracy of GGUFs (llama.cpp) and HF folders (PyTorch) on the same cases.
 
     Every model answers the same generated prompts, greedily. Prints accuracy per model and length
@@ -71,7 +73,7 @@ def eval_cmd(models: tuple[Path, ...], task: str, lengths: list[int], samples: i
     if plot_out is not None:
         check_plot_path(plot_out, force)
     report = evaluate(list(models), task, lengths, samples, seed=seed, depths=depths, scales=scales,
-                      progress=not quiet, max_tokens=max_tokens)
+                      progress=not quiet, max_tokens=max_tokens, threads=threads)
     click.echo(render_table(report))
     if json_out is not None:
         write_report_json(json_out, report, force=force)
@@ -81,8 +83,8 @@ def eval_cmd(models: tuple[Path, ...], task: str, lengths: list[int], samples: i
         click.echo(f"Wrote {plot_out}")
 
 
-def _stream(session: ChatSession, text: str) -> None:
-    for piece in session.ask(text):
+def _stream(session: ChatSession, text: str, progress: bool) -> None:
+    for piece in session.ask(text, progress=progress):
         click.echo(piece, nl=False)
     click.echo()
     if session.context_full:
@@ -90,7 +92,7 @@ def _stream(session: ChatSession, text: str) -> None:
                    "or restart with a larger --n-ctx]", err=True)
 
 
-def _interactive(session: ChatSession) -> None:
+def _interactive(session: ChatSession, progress: bool) -> None:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -113,9 +115,11 @@ def _interactive(session: ChatSession) -> None:
             click.echo("[conversation cleared]", err=True)
             continue
         try:
-            _stream(session, line)
+            _stream(session, line, progress)
         except ContextFull as exc:
-            click.echo(f"[{exc}; type /reset to start over]", err=True)
+            # /reset helps only when earlier turns fill the context, not a document too long for it
+            hint = "; type /reset to start over" if any(m["role"] == "assistant" for m in session.messages) else ""
+            click.echo(f"[{exc}{hint}]", err=True)
 
 
 @cli.command()
@@ -130,9 +134,12 @@ def _interactive(session: ChatSession) -> None:
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.2, show_default=True,
               help="Sampling temperature (0: greedy).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads [default: llama.cpp's own].")
+@quiet_option
 @handle_errors
 def chat(model: Path, system: str | None, n_ctx: int | None, document: Path | None, prompt: str | None,
-         max_tokens: int, temperature: float, seed: int) -> None:
+         max_tokens: int, temperature: float, seed: int, threads: int | None, quiet: bool) -> None:
     """Chat with a GGUF in the terminal (llama.cpp, the GGUF's own chat template, streamed).
 
     \b
@@ -143,12 +150,12 @@ def chat(model: Path, system: str | None, n_ctx: int | None, document: Path | No
     """
     text = read_document(document) if document is not None else None
     session = ChatSession(model, n_ctx=n_ctx, system=system, document=text, max_tokens=max_tokens,
-                          temperature=temperature, seed=seed)
+                          temperature=temperature, seed=seed, threads=threads)
     try:
         if prompt is not None:
-            _stream(session, prompt)
+            _stream(session, prompt, not quiet)
         else:
-            _interactive(session)
+            _interactive(session, not quiet)
     except KeyboardInterrupt:
         click.echo()  # Ctrl-C ends the chat; nothing is written, so there is nothing to clean up
     finally:
