@@ -20,6 +20,7 @@ class ArchSpec:
     num_heads: str
     head_dim: str
     hidden_size: str
+    gguf_architectures: tuple[str, ...]  # general.architecture values of its GGUFs
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ModelLayout:
     num_heads: int
     head_dim: int
     o_proj_template: str
+    gguf_architectures: tuple[str, ...] = ()
 
     @property
     def attn_width(self) -> int:
@@ -53,7 +55,7 @@ def arch_specs() -> dict[str, ArchSpec]:
             continue
         if "{layer}" not in entry["o_proj"]:
             raise ValueError(f"architectures.json: {model_type}: o_proj has no {{layer}} placeholder")
-        specs[model_type] = ArchSpec(model_type=model_type, **entry)
+        specs[model_type] = ArchSpec(model_type=model_type, **{**entry, "gguf_architectures": tuple(entry["gguf_architectures"])})
     return specs
 
 
@@ -61,29 +63,31 @@ def supported_model_types() -> list[str]:
     return sorted(arch_specs())
 
 
-def layout_from_config(config: dict[str, Any]) -> ModelLayout:
-    """The head layout of a model, from its config.json contents."""
+def layout_from_config(config: dict[str, Any], where: Path | str = "config.json") -> ModelLayout:
+    """The head layout of a model, from its config.json contents (`where` names that file in errors)."""
     model_type = config.get("model_type")
     specs = arch_specs()
-    if model_type not in specs:
+    if not isinstance(model_type, str) or model_type not in specs:
         raise ArchitectureError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+            f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
         )
     spec = specs[model_type]
     try:
         num_layers = int(config[spec.num_layers])
         num_heads = int(config[spec.num_heads])
+        head_dim = config.get(spec.head_dim)
+        head_dim = None if head_dim is None else int(head_dim)
     except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"config.json of this {model_type} model lacks a valid {exc}") from None
-    head_dim = config.get(spec.head_dim)
+        raise InputError(f"{where}: this {model_type} model's config lacks a valid "
+                         f"{spec.num_layers} / {spec.num_heads} / {spec.head_dim} ({exc})") from None
     if head_dim is None:
         hidden = config.get(spec.hidden_size)
         if not isinstance(hidden, int) or num_heads <= 0 or hidden % num_heads:
-            raise InputError(f"config.json: cannot derive head_dim from {spec.hidden_size}={hidden!r}")
+            raise InputError(f"{where}: cannot derive head_dim from {spec.hidden_size}={hidden!r}")
         head_dim = hidden // num_heads
-    layout = ModelLayout(model_type, num_layers, num_heads, int(head_dim), spec.o_proj)
+    layout = ModelLayout(model_type, num_layers, num_heads, head_dim, spec.o_proj)
     if min(layout.num_layers, layout.num_heads, layout.head_dim) <= 0:
-        raise InputError(f"config.json gives a non-positive head layout: {layout}")
+        raise InputError(f"{where}: gives a non-positive head layout: {layout}")
     return layout
 
 
@@ -106,4 +110,4 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
 
 def model_layout(model_dir: Path) -> ModelLayout:
-    return layout_from_config(read_config(model_dir))
+    return layout_from_config(read_config(model_dir), model_dir / "config.json")

@@ -103,6 +103,12 @@ def read_header(path: Path) -> ShardHeader:
     return ShardHeader(path, raw_len + header_json, tensors, metadata)
 
 
+def read_headers(model_dir: Path) -> list[ShardHeader]:
+    """Every shard's header, each checked to lie within its file: truncated or corrupt weights get
+    an error naming the shard before transformers loads them (its safetensors errors name none)."""
+    return [read_header(p) for p in weight_files(model_dir)]
+
+
 def tensor_from_bytes(data: bytes, entry: TensorEntry) -> torch.Tensor:
     dtype = SAFETENSORS_DTYPES.get(entry.dtype)
     if dtype is None:
@@ -122,14 +128,16 @@ def locate_o_proj(headers: list[ShardHeader], layout: ModelLayout) -> dict[int, 
     """Where each layer's o_proj weight is stored; checks that all exist with the right width."""
     found: dict[int, tuple[ShardHeader, TensorEntry]] = {}
     by_name = {name: (h, e) for h in headers for name, e in h.tensors.items()}
+    where = headers[0].path.parent if headers else "the checkpoint"
     for layer in range(layout.num_layers):
         name = layout.o_proj_weight(layer)
         if name not in by_name:
-            raise InputError(f"checkpoint has no tensor {name}; is it a complete {layout.model_type} model?")
+            raise InputError(f"{where}: the weights lack {name}, which config.json's {layout.num_layers} layers "
+                             f"need; is the checkpoint complete, and config.json its own?")
         header, entry = by_name[name]
         if len(entry.shape) != 2 or entry.shape[1] != layout.attn_width:
             raise InputError(
-                f"{name} has shape {list(entry.shape)}, expected [*, {layout.attn_width}] "
+                f"{header.path}: {name} has shape {list(entry.shape)}, config.json implies [*, {layout.attn_width}] "
                 f"({layout.num_heads} heads x {layout.head_dim})"
             )
         found[layer] = (header, entry)

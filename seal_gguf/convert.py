@@ -29,16 +29,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .architectures import ModelLayout, layout_from_config, read_config
+from .architectures import ModelLayout, layout_from_config, read_config, supported_model_types
 from .checkpoint import ShardHeader, locate_o_proj, read_header, weight_files
 from .constants import F16_MAX
 from .errors import EngineError, InputError, ScalesError
-from .fileio import atomic_file, check_output_path
+from .fileio import atomic_file, check_output_path, no_room_error
 from .fold import check_not_folded, max_folded_abs
 from .quantize import (
     QUANT_TYPES,
     QuantPlan,
-    check_gguf_output,
     check_quant_options,
     engine_failure,
     run_engine,
@@ -276,8 +275,11 @@ def run_converter(root: Path, model_dir: Path, out_file: Path, outtype: str, sca
     rc, log = run_engine(cmd, desc=f"convert {outtype}", unit="%", step=CONVERTER_STEP, progress=progress,
                          verbose=verbose, env=env)
     if rc != 0:
+        full = no_room_error(out_file.parent)
+        if full is not None:
+            raise full
         hint = "" if verbose else " (run with --verbose for the converter's full log)"
-        raise EngineError(f"llama.cpp's converter failed: {engine_failure(log)}{hint}")
+        raise EngineError(f"{model_dir}: llama.cpp's converter failed: {engine_failure(log)}{hint}")
     if not out_file.is_file() or out_file.stat().st_size == 0:
         raise EngineError(f"llama.cpp's converter reported success but wrote nothing to {out_file}")
 
@@ -321,11 +323,13 @@ def convert(model_dir: Path, out_path: Path, outtype: str = "f16", scales: Path 
     converter_type = name if plan is None else lossless_outtype(headers)
     if scales is not None:
         scales = Path(scales)
-        layout = layout_from_config(config)
+        layout = layout_from_config(config, model_dir / "config.json")
         check_not_folded(config, str(model_dir), force)
         check_f16_range(model_dir, headers, layout, load_scales(scales, layout), converter_type)
-    check_gguf_output(out_path)
-    check_output_path(out_path, force)  # before fetching the converter, which can take a while
+    elif config.get("model_type") in supported_model_types():
+        # weights that do not fit config.json would convert into a GGUF llama.cpp cannot load
+        locate_o_proj(headers, layout_from_config(config, model_dir / "config.json"))
+    check_output_path(out_path, force, inputs=[scales, imatrix])  # before fetching the converter, which can take a while
     root = converter_root(llama_cpp, need_seal=scales is not None, progress=progress)
     with atomic_file(out_path, force=force) as tmp:
         if plan is None:

@@ -17,11 +17,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .architectures import read_config
+from .architectures import model_layout, read_config
 from .data import TASKS, Case, make_cases, score_answer
 from .errors import InputError
 from .fileio import atomic_file
 from .runners import load_tokenizer, open_runner, require_gguf
+from .scales import load_scales
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
@@ -209,6 +210,9 @@ def _validate(models: Sequence[Path], task: str, lengths: Sequence[int], samples
         raise InputError(
             "--scales applies to HF model folders, and none is listed; a GGUF carries its scales folded in"
         )
+    for model in models:
+        if scales is not None and model.is_dir():  # a bad or mismatched scales file fails before the cases
+            load_scales(scales, model_layout(model))
 
 
 def generate_cases(tokenizer: Any, task: str, lengths: Sequence[int], samples: int, seed: int,

@@ -5,18 +5,33 @@ An error or Ctrl-C removes the temporary file, so no half-written output is ever
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputExistsError, SealError
+
+# errno values that mean the disk refused the output, not that an input is bad
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# Free space below which a failed write is put down to a full disk (for writers that hide the errno).
+LOW_SPACE = 1 << 20
 
 
-def check_output_path(path: Path, force: bool) -> None:
+def check_output_path(path: Path, force: bool, folder: bool = False,
+                      inputs: Iterable[Path | None] = ()) -> None:
+    """Refuse an output that exists (unless force), that is one of the inputs, or that is a folder
+    where a file goes, or the reverse: --force replaces an old output, never what is being read."""
+    if path.exists() and path.is_dir() != folder:
+        raise InputError(f"{path}: is a {'file' if folder else 'folder'}; give the path of the "
+                         f"{'folder' if folder else 'file'} to write")
+    if path.exists() and any(given is not None and Path(given).exists() and os.path.samefile(path, given)
+                             for given in inputs):
+        raise InputError(f"{path}: is also an input; write the output to another path")
     if path.exists() and not force:
         raise OutputExistsError(f"{path}: already exists (use --force to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
@@ -33,11 +48,43 @@ def _umask() -> int:
     return mask
 
 
+def no_room_error(path: Path, exc: BaseException | None = None) -> InputError | None:
+    """The error to report when writing `path` (an output, or the folder it goes to) failed for want of room.
+
+    Decided by the errno when there is one, else by the free space left while the partial output
+    still exists: llama.cpp and safetensors report a full disk without an errno.
+    """
+    folder = path if path.is_dir() else path.parent
+    advice = "free some space or choose another folder"
+    if isinstance(exc, OSError) and exc.errno in NO_ROOM_ERRNOS:
+        reason = exc.strerror
+        if exc.errno == errno.EFBIG:
+            advice = "choose a folder on a filesystem that takes files this large"
+    else:
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return None
+        if free >= LOW_SPACE:
+            return None
+        reason = f"no space left on device: {free} bytes free"
+    return InputError(f"{path}: writing failed ({reason}); {advice}")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _discard(tmp: Path, path: Path, exc: BaseException) -> InputError | None:
+    """Remove the failed output tmp of path; return the error to raise instead of exc when the disk refused it."""
+    # judged while the partial output still fills the disk; typed errors already say what went wrong
+    plain = isinstance(exc, Exception) and not isinstance(exc, SealError)
+    full = no_room_error(path, exc) if plain else None
+    _remove(tmp)
+    return full
 
 
 @contextmanager
@@ -52,11 +99,11 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
         yield tmp
         # after the block: writers such as safetensors replace the file, losing a chmod made before
         os.chmod(tmp, 0o666 & ~_umask())
-        if path.is_dir():
-            _remove(path)
         os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
+    except BaseException as exc:
+        full = _discard(tmp, path, exc)
+        if full is not None:
+            raise full from exc
         raise
 
 
@@ -64,7 +111,7 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
 def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     """Like atomic_file, for an output folder."""
     path = Path(path)
-    check_output_path(path, force)
+    check_output_path(path, force, folder=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or "."))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -72,8 +119,10 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
         if path.exists():
             _remove(path)
         os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
+    except BaseException as exc:
+        full = _discard(tmp, path, exc)
+        if full is not None:
+            raise full from exc
         raise
 
 

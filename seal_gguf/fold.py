@@ -29,7 +29,7 @@ from .checkpoint import (
 )
 from .constants import CONFIG_FOLD_KEY, F16_MAX
 from .errors import AlreadyFoldedError, ScalesError
-from .fileio import atomic_dir
+from .fileio import atomic_dir, check_output_path
 from .scales import SealScales, load_scales
 
 COPY_BLOCK = 16 << 20
@@ -120,9 +120,10 @@ def fold_checkpoint(
     """Write a folded copy of model_dir to out_dir (atomically); model_dir is only read."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = read_config(model_dir)
-    layout = layout_from_config(config)
+    layout = layout_from_config(config, model_dir / "config.json")
     check_not_folded(config, str(model_dir), force)
     scales = load_scales(scales_path, layout)
+    check_output_path(out_dir, force, folder=True, inputs=[model_dir])
     headers = [read_header(p) for p in weight_files(model_dir)]
     located = locate_o_proj(headers, layout)
     targets: dict[Path, dict[str, torch.Tensor]] = {h.path: {} for h in headers}

@@ -3,27 +3,52 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .constants import CONFIG_FOLD_KEY, GGUFKeys
 from .errors import InputError
-from .fileio import atomic_dir, require_file
+from .fileio import atomic_dir, check_output_path, require_file
+from .inspection import gguf_seal_metadata
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# llama.cpp pre-tokenizers (tokenizer.ggml.pre) whose digit splitting transformers' GGUF import
+# drops: without it the two engines tokenize every number differently.
+SPLITS_DIGITS = ("smollm",)
+
+
+def gguf_tokenizer(gguf_path: Path) -> Any:
+    """The transformers tokenizer of a GGUF, splitting text exactly as llama.cpp does."""
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    field = GGUFReader(str(gguf_path), "r").fields.get("tokenizer.ggml.pre")
+    if field is not None and field.contents() in SPLITS_DIGITS:
+        backend = tokenizer.backend_tokenizer
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer]
+        )
+    return tokenizer
+
+
 def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: bool = False) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf_path = require_file(Path(gguf_path), "GGUF file")
     with open(gguf_path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InputError(f"{gguf_path}: not a GGUF file (bad magic)")
+    check_output_path(Path(out_dir), force, folder=True)  # before the minutes of loading, not after
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        tokenizer = gguf_tokenizer(gguf_path)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=DTYPES[dtype])
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+    except Exception as exc:  # transformers' GGUF reader raises bare struct/index errors on corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{gguf_path}: transformers cannot read this GGUF ({first})") from None
     # transformers refuses save_pretrained on a model that carries a quantization config:
@@ -32,6 +57,12 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: b
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = ""
+    seal = gguf_seal_metadata(gguf_path)
+    if GGUFKeys.SCALES_SHA256 in seal:
+        # the weights hold folded scales: recorded so that fold, train and validate refuse the import
+        setattr(config, CONFIG_FOLD_KEY, {"granularity": seal.get(GGUFKeys.GRANULARITY),
+                                          "scales_sha256": seal[GGUFKeys.SCALES_SHA256],
+                                          "seal_gguf_version": seal.get(GGUFKeys.VERSION)})
     with torch.device("meta"):
         plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict(), assign=True)

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import EngineError, InputError
-from .fileio import atomic_file, require_file
+from .fileio import atomic_file, check_output_path, no_room_error, require_file
 
 # llama-quantize's type names -> llama_ftype constants of llama-cpp-python
 QUANT_TYPES: dict[str, str] = {
@@ -195,14 +195,11 @@ def run_quantizer(in_path: Path, out_path: Path, plan: QuantPlan, *, progress: b
     rc, log = run_engine(cmd, desc=f"quantize {plan.qtype}", unit="tensor", step=QUANTIZER_STEP,
                          progress=progress, verbose=verbose)
     if rc != 0:
+        full = no_room_error(out_path.parent)  # llama.cpp says "iostream error" for a full disk
+        if full is not None:
+            raise full
         hint = "" if verbose else " (run with --verbose for the quantizer's full log)"
         raise EngineError(f"llama.cpp's quantizer failed: {engine_failure(log)}{hint}")
-
-
-def check_gguf_output(path: Path) -> None:
-    # atomic_file would replace a folder with --force: a GGUF output never should
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give the GGUF file to write")
 
 
 def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None = None,
@@ -215,11 +212,12 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
     with open(in_path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InputError(f"{in_path}: not a GGUF file (bad magic)")
-    check_gguf_output(out_path)
-    if out_path.resolve() == in_path.resolve():
-        raise InputError(f"{out_path}: the output must differ from the input")
+    check_output_path(out_path, force, inputs=[in_path, imatrix])
     with atomic_file(out_path, force=force) as tmp:
-        run_quantizer(in_path.resolve(), tmp, plan, progress=progress, verbose=verbose)
+        try:
+            run_quantizer(in_path.resolve(), tmp, plan, progress=progress, verbose=verbose)
+        except EngineError as exc:  # the quantizer's reason rarely names the file it read
+            raise EngineError(f"{in_path}: {exc}") from None
     return out_path
 
 

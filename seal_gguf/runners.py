@@ -15,9 +15,10 @@ from typing import Any, Protocol
 import torch
 
 from .architectures import model_layout, read_config
-from .checkpoint import weight_files
+from .checkpoint import locate_o_proj, read_headers
 from .errors import EngineError, InputError
 from .fileio import require_file
+from .import_gguf import gguf_tokenizer
 
 GGUF_MAGIC = b"GGUF"
 
@@ -73,8 +74,7 @@ def load_tokenizer(model: Path) -> Any:
     model = Path(model)
     try:
         if is_gguf(model):
-            model = require_gguf(model)
-            return AutoTokenizer.from_pretrained(str(model.parent), gguf_file=model.name)
+            return gguf_tokenizer(require_gguf(model))
         read_config(model)
         return AutoTokenizer.from_pretrained(str(model))
     except InputError:
@@ -151,14 +151,18 @@ class HFRunner:
 
         self.path = Path(folder)
         config = read_config(self.path)
-        weight_files(self.path)  # refuses folders with only pickled weights, before transformers sees them
+        # pickled-only, truncated or corrupt weights: refused before transformers sees them
+        headers = read_headers(self.path)
         self.name = self.path.name + (f"+{Path(scales).name}" if scales else "")
         self.n_ctx = None
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(self.path)
         layout = model_layout(self.path) if scales else None
-        if scales:
+        values = None
+        if scales and layout is not None:
             check_not_folded(config, str(self.path), force=False)
+            locate_o_proj(headers, layout)  # weights that do not fit config.json
+            values = load_scales(Path(scales), layout).values.to(self.device)
         try:
             with _quiet_transformers():
                 self.model = AutoModelForCausalLM.from_pretrained(
@@ -167,8 +171,7 @@ class HFRunner:
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             raise InputError(f"{self.path}: transformers cannot load this model ({first_line(exc)})") from None
         self.hooks = None
-        if scales and layout is not None:
-            values = load_scales(Path(scales), layout).values.to(self.device)
+        if values is not None and layout is not None:
             self.hooks = attach_scales(self.model, layout, values)
         self._prefix = self._special_prefix()
         eos = self.model.generation_config.eos_token_id

@@ -141,6 +141,8 @@ def read_scales(path: Path) -> SealScales:
         declared = [int(meta[k]) for k in (ScalesMeta.NUM_LAYERS, ScalesMeta.NUM_HEADS, ScalesMeta.HEAD_DIM)]
     except ValueError:
         raise ScalesError(f"{path}: num_layers / num_heads / head_dim metadata are not integers") from None
+    if min(declared) <= 0:
+        raise ScalesError(f"{path}: num_layers / num_heads / head_dim metadata must be positive, found {declared}")
     want = tuple(declared[:2]) if granularity == GRANULARITY_HEAD else tuple(declared)
     if tuple(values.shape) != want:
         raise ScalesError(

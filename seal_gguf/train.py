@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .architectures import ModelLayout, layout_from_config, read_config
-from .checkpoint import model_fingerprint, weight_files
+from .checkpoint import locate_o_proj, model_fingerprint, read_headers
 from .constants import GRANULARITIES, GRANULARITY_CHANNEL, GRANULARITY_HEAD, ScalesMeta
 from .data import Case, encode_case, make_cases, score_answer
 from .errors import InputError, ScalesError
@@ -83,10 +83,12 @@ def load_model(model_dir: Path, device: torch.device, dtype: str,
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     config = read_config(model_dir)
-    layout = layout_from_config(config)
+    layout = layout_from_config(config, model_dir / "config.json")
     # scales learned on top of folded ones would describe neither model
     check_not_folded(config, str(model_dir), force=False)
-    weight_files(model_dir)  # refuses pickled-only checkpoints with a clear message
+    # pickled-only, truncated or corrupt weights, or weights that do not fit config.json: refused
+    # before transformers loads them
+    locate_o_proj(read_headers(model_dir), layout)
     try:
         with nullcontext() if progress else quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(

@@ -51,14 +51,6 @@ MAX_RELATIVE_LOGIT_DIFF = 1e-4
 # Rows of the vocabulary-wide float64 comparison done at once (memory, not results).
 COMPARE_BLOCK = 32
 # HF model_type -> the general.architecture llama.cpp's converter writes for it.
-GGUF_ARCHITECTURES: dict[str, tuple[str, ...]] = {
-    "llama": ("llama",),
-    "mistral": ("llama", "mistral"),
-    "qwen2": ("qwen2",),
-    "qwen3": ("qwen3",),
-    "gemma3_text": ("gemma3",),
-    "phi3": ("phi3",),
-}
 GGML_TYPE_F32 = 0  # KV cache in f32: the figures then measure the weights, not the cache
 
 
@@ -286,7 +278,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
 
 def check_same_model(info: GGUFInfo, config: dict[str, Any], layout: ModelLayout, model_dir: Path) -> None:
     """Refuse a GGUF whose architecture or shape differs from the HF model's."""
-    allowed = GGUF_ARCHITECTURES.get(layout.model_type, ())
+    allowed = layout.gguf_architectures
     if info.architecture not in allowed:
         raise InputError(
             f"{info.path} is not a GGUF of {model_dir}: its architecture is {info.architecture!r}, "
@@ -503,12 +495,14 @@ def validate(
     if task is not None and (not length or not samples):
         raise InputError("--task needs --length and --samples")
     config = read_config(model_dir)
-    layout = layout_from_config(config)
+    layout = layout_from_config(config, model_dir / "config.json")
     check_not_folded(config, str(model_dir), force=False)
     scales = load_scales(scales_path, layout)
     if folded is not None:
         read_config(Path(folded))
 
+    if len({g.resolve() for g in [*ggufs, *base_ggufs]}) < len(ggufs) + len(base_ggufs):
+        raise InputError("the same GGUF is listed twice")
     # Every GGUF is checked to be this model before any logits are computed.
     infos = {g: read_gguf_info(g) for g in [*ggufs, *base_ggufs]}
     warnings = []
@@ -556,15 +550,15 @@ def validate(
         report.folded = _level1(model_dir, scales_path, scales, folded, chunks, scaled, tmp, progress, warnings)
         for g in ggufs:
             report.ggufs.append(_level2("seal", infos[g], chunks, scaled, vocab, max_kld, progress))
-        for g in base_ggufs:
-            assert unscaled is not None
+        for g in base_ggufs if unscaled is not None else []:
             report.ggufs.append(_level2("base", infos[g], chunks, unscaled, vocab, max_kld, progress))
 
     if task is not None:
         from .evaluate import evaluate
 
-        report.retrieval = evaluate([model_dir, *ggufs], task, [int(length or 0)], int(samples or 0), seed,
-                                    scales=scales_path, progress=progress)
+        # The hooked reference first: every GGUF, SEAL or base, is paired with it case by case.
+        report.retrieval = evaluate([model_dir, *ggufs, *base_ggufs], task, [int(length or 0)],
+                                    int(samples or 0), seed, scales=scales_path, progress=progress)
     return report
 
 

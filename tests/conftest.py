@@ -21,10 +21,10 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's tokenizer (with chat template) saved as HF files."""
-    from transformers import AutoTokenizer
+    from seal_gguf.import_gguf import gguf_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name).save_pretrained(out)
+    gguf_tokenizer(smollm2_gguf).save_pretrained(out)
     return out
 
 

@@ -22,7 +22,7 @@ from seal_gguf.cli import cli
 from seal_gguf.constants import GRANULARITIES
 from seal_gguf.convert import convert
 from seal_gguf.quantize import quantize
-from seal_gguf.scales import expected_shape, save_scales
+from seal_gguf.scales import expected_shape, read_scales, save_scales
 from seal_gguf.validate import (
     KLSummary,
     Limits,
@@ -137,8 +137,6 @@ def test_misfolded_gguf_fails(build, base_ggufs, text_file: Path, tmp_path: Path
     """Scales on the wrong heads, or on the wrong layers, or none at all: caught at f32 and q8_0."""
     built = build("llama", "head")
     model_dir, scales = built["model"], built["scales"]
-    from seal_gguf.scales import read_scales
-
     values = read_scales(scales).values
     wrong = {"heads": values.roll(1, dims=1), "layers": values.flip(0)}
     ggufs = []
@@ -170,15 +168,21 @@ def test_base_gguf_side_by_side(build, base_ggufs, text_file: Path, tmp_path: Pa
     report_path = tmp_path / "report.json"
     code, output = run_validate([str(model_dir), str(built["scales"]), str(built["ggufs"]["q8_0"]),
                                  "--base-gguf", str(base_q8), "--base-gguf", str(base),
-                                 "--text", str(text_file), "--ctx", str(CTX), "--json", str(report_path)])
+                                 "--text", str(text_file), "--ctx", str(CTX), "--json", str(report_path),
+                                 "--task", "lines", "--length", "300", "--samples", "2"])
     assert code == 0, output
-    assert "base q8_0" in output and "(not gated)" in output
+    assert "Level 3, retrieval" in output
+    assert "base q8_0" in output and "(not gated)" in output and "Mean KLD / base" in output
     report = json.loads(report_path.read_text())
     roles = [(g["role"], g["info"]["file_type"]) for g in report["ggufs"]]
     assert roles == [("seal", "q8_0"), ("base", "q8_0"), ("base", "f32")]
     seal_q8, base_q8_summary, base_f32 = (g["summary"] for g in report["ggufs"])
     # the base GGUF is compared with the unscaled model: at f32 it is that model
     assert base_f32["same_top"] == 1.0 and base_f32["mean_kld"] < 1e-5
+    # Level 3: the reference (PyTorch with hooks) and every GGUF answered the same cases
+    retrieval = report["retrieval"]
+    assert [m["engine"] for m in retrieval["models"]] == ["pytorch", "llama.cpp", "llama.cpp", "llama.cpp"]
+    assert len(retrieval["cases"]) == 8 and retrieval["lengths"] == [300]
     # folding costs nothing beyond quantization: both q8_0 GGUFs are about equally close
     assert seal_q8["mean_kld"] < 3 * base_q8_summary["mean_kld"]
     assert base_q8_summary["mean_kld"] < 3 * seal_q8["mean_kld"]
@@ -229,6 +233,9 @@ def test_existing_json_refused_before_work(build, tmp_path: Path) -> None:
     code, output = run_validate([str(built["model"]), str(built["scales"]), str(built["ggufs"]["f32"]),
                                  "--json", str(existing)])
     assert code == 1 and "already exists" in output and existing.read_text() == "keep"
+    code, output = run_validate([str(built["model"]), str(built["scales"]), str(built["ggufs"]["f32"]),
+                                 "--json", str(built["scales"]), "--force"])
+    assert code == 1 and "is also an input" in output
 
 
 def test_bad_inputs_one_line(build, tmp_path: Path) -> None:
@@ -242,6 +249,7 @@ def test_bad_inputs_one_line(build, tmp_path: Path) -> None:
         ([model, scales, "--ctx", "4"], "--ctx must be at least"),
         ([model, scales, "--task", "lines"], "--task needs --length and --samples"),
         ([model, scales, "--max-kld", "-1"], "--max-kld must be > 0"),
+        ([model, scales, str(built["ggufs"]["f32"]), "--base-gguf", str(built["ggufs"]["f32"])], "listed twice"),
     ]
     for args, message in cases:
         code, output = run_validate(args)

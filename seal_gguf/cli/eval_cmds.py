@@ -69,7 +69,7 @@ def eval_cmd(models: tuple[Path, ...], task: str, lengths: list[int], samples: i
       seal-gguf eval smol-seal-q8_0.gguf --task niah --lengths 1024,4096 --depths 0,50,100 --samples 4
     """
     if json_out is not None:
-        check_output_path(json_out, force)
+        check_output_path(json_out, force, inputs=[*models, scales])
     if plot_out is not None:
         check_plot_path(plot_out, force)
     report = evaluate(list(models), task, lengths, samples, seed=seed, depths=depths, scales=scales,

@@ -63,9 +63,9 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
       seal-gguf train smol/ -o scales-c.safetensors --granularity channel --length 2048 --device cuda
     """
     # refuse existing outputs before the long work, not after it
-    check_output_path(output, force)
+    check_output_path(output, force, inputs=[cases_file])
     if save_cases_file is not None:
-        check_output_path(save_cases_file, force)
+        check_output_path(save_cases_file, force, inputs=[cases_file])
     if cases_file is not None:
         cases = load_cases(cases_file)
     else:

@@ -9,7 +9,7 @@ import click
 from ..data import TASKS
 from ..fileio import check_output_path
 from ..validate import DEFAULT_CTX, format_report, raise_for_failures, validate, write_report_json
-from .app import PATH, cli, force_option, handle_errors, quiet_option
+from .app import PATH, cli, handle_errors, quiet_option
 
 
 @cli.command("validate")
@@ -33,7 +33,7 @@ from .app import PATH, cli, force_option, handle_errors, quiet_option
               help="Warn instead of failing when llama.cpp tokenizes the text differently (the logits are "
                    "still compared on transformers' ids).")
 @click.option("--json", "json_out", type=PATH, help="Write every figure to this JSON file.")
-@force_option
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @quiet_option
 @handle_errors
 def validate_cmd(model_dir: Path, scales: Path, ggufs: tuple[Path, ...], base_ggufs: tuple[Path, ...],
@@ -54,7 +54,7 @@ def validate_cmd(model_dir: Path, scales: Path, ggufs: tuple[Path, ...], base_gg
       seal-gguf validate smol/ scales.safetensors smol-seal-q8_0.gguf --task lines --length 1024 --samples 20
     """
     if json_out is not None:
-        check_output_path(json_out, force)
+        check_output_path(json_out, force, inputs=[model_dir, scales, *ggufs, *base_ggufs, folded, text])
     report = validate(model_dir, scales, ggufs, base_ggufs, folded=folded, text=text, ctx=ctx, max_kld=max_kld,
                       task=task, length=length, samples=samples, seed=seed,
                       allow_token_mismatch=allow_token_mismatch, progress=not quiet)
