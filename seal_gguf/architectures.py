@@ -85,7 +85,7 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
         if not isinstance(hidden, int) or num_heads <= 0 or hidden % num_heads:
             raise InputError(f"{where}: cannot derive head_dim from {spec.hidden_size}={hidden!r}")
         head_dim = hidden // num_heads
-    layout = ModelLayout(model_type, num_layers, num_heads, head_dim, spec.o_proj)
+    layout = ModelLayout(model_type, num_layers, num_heads, head_dim, spec.o_proj, spec.gguf_architectures)
     if min(layout.num_layers, layout.num_heads, layout.head_dim) <= 0:
         raise InputError(f"{where}: gives a non-positive head layout: {layout}")
     return layout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,10 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
+# bits per element of every safetensors dtype, to check that offsets fit shapes
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+              "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 INDEX_NAME = "model.safetensors.index.json"
 # Files that hold weights in another format: never copied next to folded safetensors.
 FOREIGN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -81,6 +86,7 @@ def read_header(path: Path) -> ShardHeader:
                 raise InputError(f"{path}: corrupt safetensors header (length {n} for a {size}-byte file)")
             header_json = f.read(n)
         header: dict[str, Any] = json.loads(header_json)
+        json.dumps(header, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape: Python's JSON only
     except InputError:
         raise
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -95,11 +101,25 @@ def read_header(path: Path) -> ShardHeader:
                 continue
             begin, end = info["data_offsets"]
             entry = TensorEntry(name, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + end)
+            if not all(type(d) is int and d >= 0 for d in (begin, end, *entry.shape)):
+                raise ValueError(f"tensor {name}: offsets and shape must be non-negative integers")
             if entry.end > size or entry.begin > entry.end:
                 raise InputError(f"{path}: truncated: tensor {name} lies past the end of the file")
             tensors[name] = entry
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InputError(f"{path}: corrupt safetensors header ({exc})") from None
+    # the layout the format requires (safetensors refuses anything else): each tensor as many bytes as
+    # its shape and dtype take, back to back from the end of the header to the end of the file
+    pos = data_start
+    for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
+        if entry.dtype not in DTYPE_BITS:
+            raise InputError(f"{path}: corrupt safetensors header (tensor {entry.name} has unknown dtype {entry.dtype!r})")
+        if entry.begin != pos or (entry.end - entry.begin) * 8 != DTYPE_BITS[entry.dtype] * math.prod(entry.shape):
+            raise InputError(f"{path}: corrupt safetensors header (the offsets of tensor {entry.name} do not "
+                             "fit its shape and dtype, or overlap another tensor)")
+        pos = entry.end
+    if pos != size:
+        raise InputError(f"{path}: corrupt safetensors file ({size - pos} bytes after its last tensor)")
     return ShardHeader(path, raw_len + header_json, tensors, metadata)
 
 

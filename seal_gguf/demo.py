@@ -44,11 +44,14 @@ class DemoPlan:
     train_samples: int  # only with --train
     train_length: int
     validate_ctx: int
+    validate_text: str | None  # one built-in document instead of all of them (quick runs)
     seed: int = 0
 
 
-FULL = DemoPlan(lengths=(1024, 2048), samples=20, train_samples=50, train_length=1024, validate_ctx=512)
-QUICK = DemoPlan(lengths=(512,), samples=4, train_samples=4, train_length=512, validate_ctx=256)
+FULL = DemoPlan(lengths=(1024, 2048), samples=10, train_samples=50, train_length=1024, validate_ctx=512,
+                validate_text=None)
+QUICK = DemoPlan(lengths=(512,), samples=4, train_samples=4, train_length=512, validate_ctx=256,
+                 validate_text="02_notes.txt")
 
 
 @dataclass
@@ -105,7 +108,7 @@ def run_demo(
     from .evaluate import evaluate, render_table, write_report_json
     from .import_gguf import import_gguf
     from .plots import plot_report
-    from .validate import format_report, validate
+    from .validate import builtin_documents, format_report, validate
     from .validate import write_report_json as write_validation_json
 
     plan = QUICK if quick else FULL
@@ -137,12 +140,18 @@ def run_demo(
             write_report_json(tmp / "retrieval.json", retrieval)
             plot_report(retrieval, tmp / "retrieval.png")
             log(render_table(retrieval))
+        text = None
+        if plan.validate_text:
+            text = tmp / plan.validate_text
+            text.write_text(next(d.text for d in builtin_documents() if d.name == plan.validate_text), encoding="utf-8")
         validations = {}
-        for g in granularities:
+        for i, g in enumerate(granularities):
             with clock.step(f"validate the {LABEL[g]} GGUFs against the hooked PyTorch model"):
                 seal = [tmp / f"{LABEL[g].lower()}-{t}.gguf" for t in TYPES]
-                base = [tmp / f"base-{t}.gguf" for t in TYPES]
-                validations[g] = validate(model, scales[g], seal, base, ctx=plan.validate_ctx, progress=progress)
+                # the base GGUFs' figures do not depend on the scales: measured once, shown with the first
+                base = [tmp / f"base-{t}.gguf" for t in TYPES] if i == 0 else []
+                validations[g] = validate(model, scales[g], seal, base, text=text, ctx=plan.validate_ctx,
+                                          progress=progress)
                 write_validation_json(tmp / f"validate-{LABEL[g].lower()}.json", validations[g])
                 log(format_report(validations[g]))
         failures = [f"{LABEL[g]}: {f}" for g, v in validations.items() for f in v.failures]

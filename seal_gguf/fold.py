@@ -84,7 +84,9 @@ def _rewrite_shard(
     with open(header.path, "rb") as src, open(out_path, "wb") as dst:
         dst.write(header.header_bytes)
         pos = len(header.header_bytes)
-        for entry in sorted(header.tensors.values(), key=lambda e: e.begin):
+        # by offset, an empty tensor before the one that starts where it does (the header's own
+        # order is free: only safetensors itself writes it in layout order)
+        for entry in sorted(header.tensors.values(), key=lambda e: (e.begin, e.end)):
             src.seek(pos)
             _copy_range(src, dst, entry.begin - pos)  # padding between tensors, if any
             src.seek(entry.begin)

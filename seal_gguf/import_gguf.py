@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,11 @@ def gguf_tokenizer(gguf_path: Path) -> Any:
     return tokenizer
 
 
-def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: bool = False) -> Path:
+def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: bool = False,
+                progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM
+
+    from .runners import _quiet_transformers as quiet_transformers  # runners imports this module
 
     gguf_path = require_file(Path(gguf_path), "GGUF file")
     with open(gguf_path, "rb") as f:
@@ -46,8 +50,9 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: b
     check_output_path(Path(out_dir), force, folder=True)  # before the minutes of loading, not after
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = gguf_tokenizer(gguf_path)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=DTYPES[dtype])
+        with nullcontext() if progress else quiet_transformers():  # transformers' own bars
+            tokenizer = gguf_tokenizer(gguf_path)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=DTYPES[dtype])
     except Exception as exc:  # transformers' GGUF reader raises bare struct/index errors on corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{gguf_path}: transformers cannot read this GGUF ({first})") from None
@@ -68,7 +73,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: b
     plain.load_state_dict(loaded.state_dict(), assign=True)
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
-    with atomic_dir(Path(out_dir), force=force) as tmp:
+    with atomic_dir(Path(out_dir), force=force) as tmp, nullcontext() if progress else quiet_transformers():
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+
 # Each module registers its commands on `cli` when imported.
 from . import convert_cmds, demo_cmds, eval_cmds, model_cmds, train_cmds, validate_cmds  # noqa: F401
 from .app import cli
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # `kill` (SIGTERM) cleans up like Ctrl-C: temporary outputs are removed, nothing half-written stays.
+    signal.signal(signal.SIGTERM, _interrupt)
     cli(prog_name="seal-gguf")
 
 

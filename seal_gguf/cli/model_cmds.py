@@ -89,13 +89,14 @@ def fold(model_dir: Path, scales: Path, out_dir: Path, force: bool, quiet: bool)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
               help="Dtype of the dequantized weights.")
 @force_option
+@quiet_option
 @handle_errors
-def import_gguf_cmd(gguf_file: Path, out_dir: Path, dtype: str, force: bool) -> None:
+def import_gguf_cmd(gguf_file: Path, out_dir: Path, dtype: str, force: bool, quiet: bool) -> None:
     """Turn a GGUF into a plain HF checkpoint (dequantized) with tokenizer and chat template.
 
     \b
     Example:
       seal-gguf import-gguf SmolLM2-135M-Instruct.Q4_1.gguf smol/
     """
-    import_gguf(gguf_file, out_dir, dtype=dtype, force=force)
+    import_gguf(gguf_file, out_dir, dtype=dtype, force=force, progress=not quiet)
     click.echo(f"Wrote {out_dir}")
