@@ -83,12 +83,9 @@ def _rewrite_shard(
     peak = 0.0
     with open(header.path, "rb") as src, open(out_path, "wb") as dst:
         dst.write(header.header_bytes)
-        pos = len(header.header_bytes)
-        # by offset, an empty tensor before the one that starts where it does (the header's own
-        # order is free: only safetensors itself writes it in layout order)
+        # read_header guarantees the tensors lie back to back after the header; in offset order,
+        # an empty tensor comes before the one that starts where it does
         for entry in sorted(header.tensors.values(), key=lambda e: (e.begin, e.end)):
-            src.seek(pos)
-            _copy_range(src, dst, entry.begin - pos)  # padding between tensors, if any
             src.seek(entry.begin)
             if entry.name in targets:
                 data, tensor_peak = _folded_bytes(src.read(entry.end - entry.begin), entry, targets[entry.name])
@@ -96,10 +93,7 @@ def _rewrite_shard(
                 peak = max(peak, tensor_peak)
             else:
                 _copy_range(src, dst, entry.end - entry.begin)
-            pos = entry.end
             bar.update(1)
-        src.seek(pos)
-        shutil.copyfileobj(src, dst, COPY_BLOCK)
     return peak
 
 
