@@ -695,12 +695,13 @@ def test_ctrl_c_in_the_middle_of_a_write(world: World, tmp_path: Path, cmd: str)
     written = 0
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
+        # look only while the group is stopped, so the write cannot finish between look and interrupt
+        os.killpg(proc.pid, signal.SIGSTOP)
         written = partial_output(out)
         if written:
-            os.killpg(proc.pid, signal.SIGSTOP)
-            written = partial_output(out)
             os.killpg(proc.pid, signal.SIGINT)
-            os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGCONT)
+        if written:
             break
         time.sleep(0.001)
     _, stderr = proc.communicate(timeout=120)
