@@ -15,8 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import EngineError, InputError
-from .fileio import require_file
-from .runners import first_line, require_gguf
+from .fileio import first_line, require_file, require_gguf
 
 DEFAULT_N_CTX = 4096
 REPLY_RESERVE = 1024  # tokens kept free for the conversation after a document

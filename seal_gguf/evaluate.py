@@ -20,8 +20,8 @@ from tqdm import tqdm
 from .architectures import model_layout, read_config
 from .data import TASKS, Case, make_cases, score_answer
 from .errors import InputError
-from .fileio import atomic_file
-from .runners import load_tokenizer, open_runner, require_gguf
+from .fileio import atomic_file, require_gguf
+from .runners import load_tokenizer, open_runner
 from .scales import load_scales
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile

@@ -143,3 +143,28 @@ def require_file(path: Path, what: str = "file") -> Path:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty {what}")
     return path
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def require_gguf(path: Path) -> Path:
+    """A readable file that starts with the GGUF magic; llama.cpp is never handed anything else."""
+    path = require_file(Path(path), "GGUF file")
+    try:
+        magic = gguf_magic(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    if magic != GGUF_MAGIC:
+        raise InputError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+    return path
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

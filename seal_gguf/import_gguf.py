@@ -10,7 +10,7 @@ import torch
 
 from .constants import CONFIG_FOLD_KEY, GGUFKeys
 from .errors import InputError
-from .fileio import atomic_dir, check_output_path, require_file
+from .fileio import atomic_dir, check_output_path, first_line, require_gguf
 from .inspection import gguf_seal_metadata
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,12 +41,9 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: b
                 progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from .runners import _quiet_transformers as quiet_transformers  # runners imports this module
+    from .runners import quiet_transformers  # runners imports this module
 
-    gguf_path = require_file(Path(gguf_path), "GGUF file")
-    with open(gguf_path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise InputError(f"{gguf_path}: not a GGUF file (bad magic)")
+    gguf_path = require_gguf(Path(gguf_path))
     check_output_path(Path(out_dir), force, folder=True)  # before the minutes of loading, not after
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
@@ -54,8 +51,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: b
             tokenizer = gguf_tokenizer(gguf_path)
             loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=DTYPES[dtype])
     except Exception as exc:  # transformers' GGUF reader raises bare struct/index errors on corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{gguf_path}: transformers cannot read this GGUF ({first})") from None
+        raise InputError(f"{gguf_path}: transformers cannot read this GGUF ({first_line(exc)})") from None
     # transformers refuses save_pretrained on a model that carries a quantization config:
     # rebuild a plain model of the same class and move the dequantized weights into it.
     config = loaded.config

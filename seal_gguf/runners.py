@@ -17,10 +17,8 @@ import torch
 from .architectures import model_layout, read_config
 from .checkpoint import locate_o_proj, read_headers
 from .errors import EngineError, InputError
-from .fileio import require_file
+from .fileio import GGUF_MAGIC, first_line, gguf_magic, require_gguf
 from .import_gguf import gguf_tokenizer
-
-GGUF_MAGIC = b"GGUF"
 
 
 class Runner(Protocol):
@@ -35,29 +33,7 @@ class Runner(Protocol):
 
 
 def is_gguf(path: Path) -> bool:
-    return Path(path).suffix.lower() == ".gguf" or (Path(path).is_file() and _magic(Path(path)) == GGUF_MAGIC)
-
-
-def _magic(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(4)
-
-
-def require_gguf(path: Path) -> Path:
-    """A readable file that starts with the GGUF magic; llama.cpp is never handed anything else."""
-    path = require_file(Path(path), "GGUF file")
-    try:
-        magic = _magic(path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    if magic != GGUF_MAGIC:
-        raise InputError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
-    return path
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return Path(path).suffix.lower() == ".gguf" or (Path(path).is_file() and gguf_magic(Path(path)) == GGUF_MAGIC)
 
 
 def _with_prefix(ids: list[int], prefix: list[int]) -> list[int]:
@@ -126,7 +102,7 @@ class GGUFRunner:
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No weight-loading bar from transformers: the evaluation's own bar is the one to watch."""
     from transformers.utils import logging
 
@@ -164,7 +140,7 @@ class HFRunner:
             locate_o_proj(headers, layout)  # weights that do not fit config.json
             values = load_scales(Path(scales), layout).values.to(self.device)
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 self.model = AutoModelForCausalLM.from_pretrained(
                     str(self.path), dtype=torch.float32, use_safetensors=True
                 ).to(self.device).eval()

@@ -30,8 +30,7 @@ from .data import Case, encode_case, make_cases, score_answer
 from .errors import InputError, ScalesError
 from .fold import check_not_folded
 from .hooks import attach_scales
-from .runners import _quiet_transformers as quiet_transformers
-from .runners import load_tokenizer
+from .runners import load_tokenizer, quiet_transformers
 from .scales import identity_scales
 
 DEFAULT_LR = {GRANULARITY_HEAD: 1e-2, GRANULARITY_CHANNEL: 2e-2}

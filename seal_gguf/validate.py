@@ -31,10 +31,10 @@ from tqdm import tqdm
 from .architectures import ModelLayout, layout_from_config, read_config
 from .constants import CONFIG_FOLD_KEY, GGUF_SEAL_PREFIX, GGUFKeys
 from .errors import InputError, ValidationFailed
-from .fileio import atomic_file, require_file
+from .fileio import atomic_file, require_file, require_gguf
 from .fold import check_not_folded, fold_checkpoint
 from .hooks import attach_scales
-from .runners import HFRunner, require_gguf
+from .runners import HFRunner
 from .scales import SealScales, load_scales
 
 DEFAULT_CTX = 1024

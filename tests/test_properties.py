@@ -267,15 +267,21 @@ def reorder_header(path: Path, rng: random.Random) -> None:
     path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + n:])
 
 
+def write_checkpoint_and_scales(folder: Path, spec: dict) -> Path:
+    """The checkpoint of `spec` and its scales (folder / "s.safetensors"); returns the model folder."""
+    model = write_checkpoint(folder, spec)
+    layout = ModelLayout("llama", spec["layers"], spec["heads"], spec["head_dim"],
+                         "model.layers.{layer}.self_attn.o_proj")
+    save_scales(folder / "s.safetensors", spec["scales"], layout, spec["granularity"])
+    return model
+
+
 @examples(60)
 @given(checkpoints())
 def test_streaming_fold_equals_an_in_memory_fold(spec: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = write_checkpoint(folder, spec)
-        layout = ModelLayout("llama", spec["layers"], spec["heads"], spec["head_dim"],
-                             "model.layers.{layer}.self_attn.o_proj")
-        save_scales(folder / "s.safetensors", spec["scales"], layout, spec["granularity"])
+        model = write_checkpoint_and_scales(folder, spec)
         before = {p.name: p.read_bytes() for p in model.iterdir()}
         out = fold_checkpoint(model, folder / "s.safetensors", folder / "folded", progress=False).out_dir
 
@@ -315,10 +321,7 @@ def test_damaged_shard_is_refused_or_folded_exactly(spec: dict, data: st.DataObj
     safetensors itself reads the shard and the output is exactly its fold (nothing garbled is written)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = write_checkpoint(folder, spec)
-        layout = ModelLayout("llama", spec["layers"], spec["heads"], spec["head_dim"],
-                             "model.layers.{layer}.self_attn.o_proj")
-        save_scales(folder / "s.safetensors", spec["scales"], layout, spec["granularity"])
+        model = write_checkpoint_and_scales(folder, spec)
         shards = weight_files(model)  # the ones the index lists
         shard = data.draw(st.sampled_from(shards))
         raw = bytearray(shard.read_bytes())
