@@ -14,6 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .constants import FLASH_ATTENTION
 from .errors import EngineError, InputError
 from .fileio import first_line, require_file, require_gguf
 
@@ -80,7 +81,7 @@ class ChatSession:
 
         try:
             return Llama(str(self.path), n_ctx=n_ctx, seed=self.seed, verbose=False,
-                         n_threads=self.threads, n_threads_batch=self.threads)
+                         n_threads=self.threads, n_threads_batch=self.threads, flash_attn=FLASH_ATTENTION)
         except (ValueError, RuntimeError, OSError) as exc:
             raise InputError(f"{self.path}: llama.cpp cannot load this GGUF ({first_line(exc)})") from None
 

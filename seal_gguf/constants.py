@@ -62,3 +62,8 @@ GGUF_SEAL_PREFIX = "seal."
 
 # Largest finite float16 value: folded weights beyond it cannot be written as f16.
 F16_MAX = 65504.0
+
+# llama.cpp's own tools (llama-cli, llama-server) turn flash attention on by default ("auto") where
+# the backend has it, CPU included; llama-cpp-python turns it off. Runs here match what users run,
+# and it processes 2K-token prompts ~15% faster on CPU.
+FLASH_ATTENTION = True

@@ -48,7 +48,7 @@ class DemoPlan:
     seed: int = 0
 
 
-FULL = DemoPlan(lengths=(1024, 2048), samples=10, train_samples=50, train_length=1024, validate_ctx=512,
+FULL = DemoPlan(lengths=(1024, 2048), samples=8, train_samples=50, train_length=1024, validate_ctx=512,
                 validate_text=None)
 QUICK = DemoPlan(lengths=(512,), samples=4, train_samples=4, train_length=512, validate_ctx=256,
                  validate_text="02_notes.txt")

