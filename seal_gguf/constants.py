@@ -60,6 +60,13 @@ class GGUFKeys:
 
 GGUF_SEAL_PREFIX = "seal."
 
+# The training recipe (ScalesMeta provenance) a GGUF records as seal.<key>, when the scales have it.
+GGUF_RECIPE_KEYS = (
+    ScalesMeta.TASK, ScalesMeta.SAMPLES, ScalesMeta.LENGTH, ScalesMeta.LR, ScalesMeta.SEED,
+    ScalesMeta.ROPE_SCALING, ScalesMeta.HELDOUT_BEFORE, ScalesMeta.HELDOUT_AFTER, ScalesMeta.BASE_FINGERPRINT,
+    ScalesMeta.COMMAND,
+)
+
 # Largest finite float16 value: folded weights beyond it cannot be written as f16.
 F16_MAX = 65504.0
 

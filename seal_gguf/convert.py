@@ -43,6 +43,7 @@ from .quantize import (
     run_engine,
     run_quantizer,
 )
+from .rope import RopeScaling, check_gguf_extension, extend_config, extended_model_dir
 from .scales import SealScales, load_scales
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -311,14 +312,20 @@ def check_f16_range(model_dir: Path, headers: list[ShardHeader], layout: ModelLa
 
 def convert(model_dir: Path, out_path: Path, outtype: str = "f16", scales: Path | None = None, *,
             imatrix: Path | None = None, attn_output_type: str | None = None, llama_cpp: Path | None = None,
-            force: bool = False, verbose: bool = False, progress: bool = True) -> Path:
+            rope: RopeScaling | None = None, force: bool = False, verbose: bool = False,
+            progress: bool = True) -> Path:
     """Convert an HF model folder to GGUF; with scales, fold them into o_proj during conversion.
 
-    scales=None is the plain baseline through the same converter.
+    scales=None is the plain baseline through the same converter. rope extends the context: the
+    converter reads the extended config.json (seal_gguf.rope) and writes the matching GGUF keys,
+    checked here before the file is kept.
     """
     model_dir, out_path = Path(model_dir), Path(out_path)
     name, plan = output_plan(outtype, imatrix, attn_output_type)
     config = read_config(model_dir)
+    if rope is not None:
+        rope = rope.resolved(config, str(model_dir / "config.json"))
+        extend_config(config, rope, str(model_dir / "config.json"))  # refused before any long work
     headers = [read_header(p) for p in weight_files(model_dir)]
     converter_type = name if plan is None else lossless_outtype(headers)
     if scales is not None:
@@ -331,11 +338,15 @@ def convert(model_dir: Path, out_path: Path, outtype: str = "f16", scales: Path 
         locate_o_proj(headers, layout_from_config(config, model_dir / "config.json"))
     check_output_path(out_path, force, inputs=[scales, imatrix])  # before fetching the converter, which can take a while
     root = converter_root(llama_cpp, need_seal=scales is not None, progress=progress)
-    with atomic_file(out_path, force=force) as tmp:
+    with atomic_file(out_path, force=force) as tmp, extended_model_dir(model_dir, rope) as source:
         if plan is None:
-            run_converter(root, model_dir, tmp, converter_type, scales, progress=progress, verbose=verbose)
+            run_converter(root, source, tmp, converter_type, scales, progress=progress, verbose=verbose)
+            if rope is not None:
+                check_gguf_extension(tmp, config, rope)
         else:
             with intermediate_file(out_path, converter_type) as mid:
-                run_converter(root, model_dir, mid, converter_type, scales, progress=progress, verbose=verbose)
+                run_converter(root, source, mid, converter_type, scales, progress=progress, verbose=verbose)
+                if rope is not None:
+                    check_gguf_extension(mid, config, rope)
                 run_quantizer(mid, tmp, plan, progress=progress, verbose=verbose)
     return out_path

@@ -21,6 +21,7 @@ from .architectures import model_layout, read_config
 from .data import TASKS, Case, make_cases, score_answer
 from .errors import InputError
 from .fileio import atomic_file, require_gguf
+from .rope import RopeScaling, extend_config
 from .runners import load_tokenizer, open_runner
 from .scales import load_scales
 
@@ -79,6 +80,7 @@ class ModelInfo:
     n_ctx: int | None
     seconds_per_case: float
     token_mismatches: int  # prompts this model tokenizes to a length other than the case's
+    rope_scaling: str | None = None  # the context extension PyTorch applied (a GGUF carries its own)
 
 
 @dataclass
@@ -193,7 +195,7 @@ def model_names(models: Sequence[Path], scales: Path | None) -> list[str]:
 
 
 def _validate(models: Sequence[Path], task: str, lengths: Sequence[int], samples: int,
-              scales: Path | None, max_tokens: int) -> None:
+              scales: Path | None, max_tokens: int, rope: RopeScaling | None = None) -> None:
     if not models:
         raise InputError("give at least one model (a GGUF file or an HF model folder)")
     if task not in TASKS:
@@ -210,9 +212,14 @@ def _validate(models: Sequence[Path], task: str, lengths: Sequence[int], samples
         raise InputError(
             "--scales applies to HF model folders, and none is listed; a GGUF carries its scales folded in"
         )
+    if rope is not None and not any(m.is_dir() for m in models):
+        raise InputError("--rope-scaling applies to HF model folders, and none is listed; a GGUF carries its "
+                         "context extension in its metadata (convert it with --rope-scaling)")
     for model in models:
         if scales is not None and model.is_dir():  # a bad or mismatched scales file fails before the cases
             load_scales(scales, model_layout(model))
+        if rope is not None and model.is_dir():  # so does a model that cannot take the extension
+            extend_config(read_config(model), rope, str(model / "config.json"))
 
 
 def generate_cases(tokenizer: Any, task: str, lengths: Sequence[int], samples: int, seed: int,
@@ -234,15 +241,17 @@ def evaluate(
     max_tokens: int = 16,
     device: str = "cpu",
     threads: int | None = None,
+    rope: RopeScaling | None = None,
 ) -> EvalReport:
-    """Run every model on the same cases. `scales` is applied (by hooks) to the HF folders only.
+    """Run every model on the same cases. `scales` is applied (by hooks) to the HF folders only,
+    and so is `rope` (a context extension; a GGUF carries its own).
 
     threads: CPU threads per model (None: llama.cpp's and PyTorch's own defaults).
     """
     models = [Path(m) for m in models]
     lengths = sorted(set(int(x) for x in lengths))
     scales = Path(scales) if scales else None
-    _validate(models, task, lengths, samples, scales, max_tokens)
+    _validate(models, task, lengths, samples, scales, max_tokens, rope)
     if depths is None and task == "niah":
         depths = NIAH_DEPTHS
     depth_list = sorted(set(float(d) for d in depths)) if depths is not None else None
@@ -261,7 +270,9 @@ def evaluate(
         for name, model in zip(names, models, strict=True):
             bar.set_description(name)
             model_scales = scales if model.is_dir() else None
-            runner = open_runner(model, scales=model_scales, n_ctx=n_ctx, device=device, threads=threads)
+            model_rope = rope.resolved(read_config(model), str(model / "config.json")) if rope and model.is_dir() else None
+            runner = open_runner(model, scales=model_scales, n_ctx=n_ctx, device=device, threads=threads,
+                                 rope=model_rope)
             mismatches, seconds_total = 0, 0.0
             try:
                 for length in lengths:
@@ -283,7 +294,7 @@ def evaluate(
             report.models.append(ModelInfo(
                 name, str(model), "pytorch" if model.is_dir() else "llama.cpp",
                 str(model_scales) if model_scales else None, runner.n_ctx,
-                round(seconds_total / count, 4), mismatches,
+                round(seconds_total / count, 4), mismatches, model_rope.spec() if model_rope else None,
             ))
     summarize(report)
     return report

@@ -20,6 +20,7 @@ from .constants import FLASH_ATTENTION
 from .errors import EngineError, InputError
 from .fileio import GGUF_MAGIC, first_line, gguf_magic, require_gguf
 from .import_gguf import gguf_tokenizer
+from .rope import RopeScaling, transformers_config
 
 
 class Runner(Protocol):
@@ -117,9 +118,11 @@ def quiet_transformers() -> Iterator[None]:
 
 
 class HFRunner:
-    """An HF folder run by PyTorch in float32, optionally with SEAL scales applied by hooks."""
+    """An HF folder run by PyTorch in float32, optionally with SEAL scales applied by hooks and its
+    context extended by a RoPE scaling."""
 
-    def __init__(self, folder: Path, scales: Path | None = None, device: str = "cpu", threads: int | None = None):
+    def __init__(self, folder: Path, scales: Path | None = None, device: str = "cpu", threads: int | None = None,
+                 rope: RopeScaling | None = None):
         from transformers import AutoModelForCausalLM
 
         from .fold import check_not_folded
@@ -140,10 +143,11 @@ class HFRunner:
             check_not_folded(config, str(self.path), force=False)
             locate_o_proj(headers, layout)  # weights that do not fit config.json
             values = load_scales(Path(scales), layout).values.to(self.device)
+        extended = {} if rope is None else {"config": transformers_config(config, rope, str(self.path / "config.json"))}
         try:
             with quiet_transformers():
                 self.model = AutoModelForCausalLM.from_pretrained(
-                    str(self.path), dtype=torch.float32, use_safetensors=True
+                    str(self.path), dtype=torch.float32, use_safetensors=True, **extended
                 ).to(self.device).eval()
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             raise InputError(f"{self.path}: transformers cannot load this model ({first_line(exc)})") from None
@@ -191,15 +195,19 @@ class HFRunner:
 
 
 def open_runner(model: Path, scales: Path | None = None, n_ctx: int | None = None, device: str = "cpu",
-                threads: int | None = None) -> Runner:
-    """A GGUF file runs in llama.cpp (scales must already be folded in); a folder runs in PyTorch."""
+                threads: int | None = None, rope: RopeScaling | None = None) -> Runner:
+    """A GGUF file runs in llama.cpp (scales and context extension must already be in it); a folder
+    runs in PyTorch."""
     model = Path(model)
     if model.is_dir():
-        return HFRunner(model, scales=scales, device=device, threads=threads)
+        return HFRunner(model, scales=scales, device=device, threads=threads, rope=rope)
     if not model.exists():
         raise InputError(f"{model}: no such GGUF file or model folder")
     if scales:
         raise InputError(
             f"{model}: --scales applies to HF model folders only; a GGUF carries its scales folded into its weights"
         )
+    if rope is not None:
+        raise InputError(f"{model}: --rope-scaling applies to HF model folders only; a GGUF carries its context "
+                         "extension in its metadata (convert it with --rope-scaling)")
     return GGUFRunner(model, n_ctx=n_ctx, gpu=device != "cpu", threads=threads)

@@ -30,6 +30,7 @@ from .data import Case, encode_case, make_cases, score_answer
 from .errors import InputError, ScalesError
 from .fold import check_not_folded
 from .hooks import attach_scales
+from .rope import RopeScaling, transformers_config
 from .runners import load_tokenizer, quiet_transformers
 from .scales import identity_scales
 
@@ -74,9 +75,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: str,
-               progress: bool = True) -> tuple[nn.Module, ModelLayout]:
-    """The model frozen, in eval mode, with SDPA attention; and its head layout."""
+def load_model(model_dir: Path, device: torch.device, dtype: str, progress: bool = True,
+               rope: RopeScaling | None = None) -> tuple[nn.Module, ModelLayout]:
+    """The model frozen, in eval mode, with SDPA attention (its context extended by rope, if given);
+    and its head layout."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
@@ -88,10 +90,11 @@ def load_model(model_dir: Path, device: torch.device, dtype: str,
     # pickled-only, truncated or corrupt weights, or weights that do not fit config.json: refused
     # before transformers loads them
     locate_o_proj(read_headers(model_dir), layout)
+    extended = {} if rope is None else {"config": transformers_config(config, rope, str(model_dir / "config.json"))}
     try:
         with nullcontext() if progress else quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=DTYPES[dtype], attn_implementation="sdpa", use_safetensors=True
+                str(model_dir), dtype=DTYPES[dtype], attn_implementation="sdpa", use_safetensors=True, **extended
             )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"{model_dir}: cannot load the model ({str(exc).splitlines()[0]})") from None
@@ -240,11 +243,17 @@ def train_scales(
     progress: bool = True,
     cases: Sequence[Case] | None = None,
     command: str = "",
+    rope: RopeScaling | None = None,
 ) -> TrainResult:
     """Learn SEAL scales for the model in model_dir. Training cases are generated from the "train"
     split with `seed` unless `cases` are given; held-out cases are fresh "eval" cases of the same
-    task and length with seed + 1, scored before and after training."""
+    task and length with seed + 1, scored before and after training.
+
+    rope: learn under this context extension; the scales file records it (ScalesMeta.ROPE_SCALING).
+    """
     model_dir = Path(model_dir)
+    if rope is not None:
+        rope = rope.resolved(read_config(model_dir), str(model_dir / "config.json"))
     if granularity not in GRANULARITIES:
         raise InputError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
     if eval_samples < 0:
@@ -261,7 +270,7 @@ def train_scales(
     else:
         task, length = _cases_summary(cases)
     heldout = make_cases(tokenizer, task, length, eval_samples, seed + 1, split="eval")
-    model, layout = load_model(model_dir, torch_device, dtype, progress)
+    model, layout = load_model(model_dir, torch_device, dtype, progress, rope)
     fingerprint = model_fingerprint(model_dir, layout)
 
     scales = nn.Parameter(identity_scales(layout, granularity).to(torch_device))
@@ -289,6 +298,8 @@ def train_scales(
         ScalesMeta.HELDOUT_BEFORE: _fraction(before),
         ScalesMeta.HELDOUT_AFTER: _fraction(after),
     }
+    if rope is not None:
+        provenance[ScalesMeta.ROPE_SCALING] = rope.spec()
     return TrainResult(
         scales=scales.detach().to("cpu", torch.float32).clone(),
         layout=layout,

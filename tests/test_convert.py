@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import functools
+import re
 import struct
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from seal_gguf import __version__
 from seal_gguf.architectures import ModelLayout, model_layout
 from seal_gguf.checkpoint import read_header, weight_files
 from seal_gguf.cli import cli
-from seal_gguf.constants import SCALES_TENSOR, GGUFKeys
+from seal_gguf.constants import GGUF_RECIPE_KEYS, GGUF_SEAL_PREFIX, SCALES_TENSOR, GGUFKeys, ScalesMeta
 from seal_gguf.convert import convert, lossless_outtype, provision_converter
 from seal_gguf.errors import EngineError, InputError
 from seal_gguf.fold import fold_checkpoint
@@ -163,7 +165,23 @@ def test_seal_keys_in_gguf(ggufs, llama: Path, scales: dict[str, Path]) -> None:
     assert (meta[GGUFKeys.NUM_LAYERS], meta[GGUFKeys.NUM_HEADS], meta[GGUFKeys.HEAD_DIM]) == (
         layout.num_layers, layout.num_heads, layout.head_dim)
     assert meta[GGUFKeys.VERSION] == __version__
+    assert not any(key.removeprefix("seal.") in GGUF_RECIPE_KEYS for key in meta)  # these scales record none
     assert seal_fields(ggufs("base", "q8_0")) == {}
+
+
+def test_gguf_records_the_training_recipe(llama: Path, converter: Path, tmp_path: Path) -> None:
+    layout = model_layout(llama)
+    recipe = {key: f"value of {key}" for key in GGUF_RECIPE_KEYS} | {ScalesMeta.LENGTH: "320"}
+    path = tmp_path / "trained.safetensors"
+    save_scales(path, torch.full((layout.num_layers, layout.num_heads), 1.25), layout, "head", provenance=recipe)
+    out = convert(llama, tmp_path / "trained.gguf", "f32", path, llama_cpp=converter, progress=False)
+    meta = seal_fields(out)
+    assert {key: meta.get(GGUF_SEAL_PREFIX + key) for key in GGUF_RECIPE_KEYS} == recipe
+    # the converter-side module is standalone: its copy of the key list must stay the same as ours
+    patch = Path(convert_module.__file__).parent / "patches" / "0001-convert-seal-scales.patch"
+    found = re.search(r"^\+RECIPE_KEYS = (\(.*?\))$", patch.read_text(), re.S | re.M)
+    assert found is not None
+    assert ast.literal_eval("".join(line.lstrip("+") for line in found.group(1).splitlines())) == GGUF_RECIPE_KEYS
 
 
 # llama-quantize types, through the CLI

@@ -158,7 +158,7 @@ def table(rows: list[dict], repeats: int, command: str) -> str:
         t0, t1 = spread([x.seconds for x in base]), spread([x.seconds for x in seal])
         m0, m1 = spread([x.peak_rss_mib for x in base]), spread([x.peak_rss_mib for x in seal])
         lines.append(f"| {r['model']} ({r['size_mib']:.0f} MiB) | {r['type']} | {t0} | {t1} | "
-                     f"{t1.median / t0.median:.3f} | {m0} | {m1} | {m1.median / m0.median:.3f} |")
+                     f"{t1.median / t0.median:.3f} | {m0.format('.0f')} | {m1.format('.0f')} | {m1.median / m0.median:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,9 @@
 """Benchmark inference parity: a SEAL GGUF runs exactly as fast as its base GGUF, because folding
 changes weight values, not the graph. Prompt processing and generation tokens/s through
 llama-cpp-python for base and SEAL-C at f16, q8_0 and q4_k_m, plus a byte-for-byte copy of the base
-file as an A/A control whose ratio to the base is the noise floor. Variants are alternated
-(base, SEAL, copy, base, ...) with all three loaded, and the table (medians, min–max) is appended
-to BENCHMARKS.md.
+file as an A/A control whose ratio to the base is the noise floor. All three stay loaded and take
+turns (base, SEAL, copy, then SEAL, copy, base, ...: the order rotates every round); the table
+(medians, min–max) is appended to BENCHMARKS.md.
 
 \b
 Usage:
@@ -57,8 +57,9 @@ def measure_type(folder: Path, outtype: str, work: Path, prompt_len: int, genera
         for llm in models.values():  # warm-up
             gguf_speed(llm, prompt, 4)
         runs: dict[str, list] = {name: [] for name in VARIANTS}
-        for _ in tqdm(range(repeats), desc=outtype, unit="round"):
-            for name in VARIANTS:
+        for round_ in tqdm(range(repeats), desc=outtype, unit="round"):
+            # the order rotates every round, so that no variant always runs right after another
+            for name in VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]:
                 runs[name].append(gguf_speed(models[name], prompt, generate))
     finally:
         for llm in models.values():
@@ -80,7 +81,8 @@ def table(results: dict[str, dict[str, list]], args: dict, command: str) -> str:
         f"- command: `{command}`",
         f"- machine: {machine()}; llama-cpp-python, {args['threads']} threads, flash attention as in `seal-gguf eval`",
         f"- SmolLM2-135M-Instruct, SEAL-C (bundled scales); prompt {args['prompt']} tokens in one batch, then "
-        f"{args['generate']} single-token steps; {args['repeats']} rounds alternating base / SEAL / copy of base",
+        f"{args['generate']} single-token steps; {args['repeats']} rounds of base / SEAL / copy of base, "
+        "the order rotating every round",
         "- ratio = SEAL ÷ base (or copy ÷ base) within a round: median (min–max); the copy is the noise floor",
         "",
         "| type | prompt tok/s base | prompt tok/s SEAL | SEAL/base | copy/base | gen tok/s base | gen tok/s SEAL "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import resource
 import shlex
 import sys
 import tempfile
@@ -41,8 +40,8 @@ GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 TEXT = "The quick brown fox jumps over the lazy dog near the river bank. "
 
 
-def prompt_ids(tokenizer, length: int) -> list[int]:
-    return tokenizer(TEXT * (length // 8), add_special_tokens=False)["input_ids"][:length]
+def prompt_ids(tokenize, length: int) -> list[int]:
+    return list(tokenize(TEXT * (length // 8)))[:length]
 
 
 def pytorch_speed(model_dir: Path, scales: Path, length: int, generate: int, threads: int) -> dict[str, float]:
@@ -58,7 +57,8 @@ def pytorch_speed(model_dir: Path, scales: Path, length: int, generate: int, thr
     layout = model_layout(model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     attach_scales(model, layout, load_scales(scales, layout).values)
-    ids = torch.tensor([prompt_ids(load_tokenizer(model_dir), length)])
+    tokenizer = load_tokenizer(model_dir)
+    ids = torch.tensor([prompt_ids(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], length)])
     with torch.inference_mode():
         model(ids[:, :8])  # warm-up
         start = time.perf_counter()
@@ -73,10 +73,9 @@ def pytorch_speed(model_dir: Path, scales: Path, length: int, generate: int, thr
 
 
 def llama_speed(gguf: Path, length: int, generate: int, threads: int) -> dict[str, float]:
-    from seal_gguf.runners import load_tokenizer
-
-    prompt = prompt_ids(load_tokenizer(gguf), length)
+    # llama.cpp's own tokenizer: this process never imports torch, so its peak RSS is llama.cpp's
     llm = open_gguf(gguf, length + generate + 8, threads)
+    prompt = prompt_ids(lambda text: llm.tokenize(text.encode(), add_bos=False, special=False), length)
     gguf_speed(llm, prompt[:8], 1)  # warm-up
     speed = gguf_speed(llm, prompt, generate)
     llm.close()
@@ -99,7 +98,7 @@ def table(results: dict[str, list[dict]], args: dict, command: str) -> str:
     ]
     for name, runs in results.items():
         lines.append(f"| {name} | {spread([r['prompt_tps'] for r in runs])} | "
-                     f"{spread([r['generate_tps'] for r in runs])} | {spread([r['peak_rss_mib'] for r in runs])} |")
+                     f"{spread([r['generate_tps'] for r in runs])} | {spread([r['peak_rss_mib'] for r in runs]).format('.0f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,8 +117,7 @@ def main(prompt_len: int, generate: int, repeats: int, threads: int, output: Pat
             result = llama_speed(Path(spec["gguf"]), prompt_len, generate, threads)
         else:
             result = pytorch_speed(Path(spec["model"]), Path(spec["scales"]), prompt_len, generate, threads)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({**result, "peak_rss_mib": peak}))
+        print(json.dumps(result))
         return
 
     from seal_gguf.convert import convert
@@ -139,7 +137,8 @@ def main(prompt_len: int, generate: int, repeats: int, threads: int, output: Pat
             def run():
                 cmd = [sys.executable, __file__, "--prompt", str(prompt_len), "--generate", str(generate),
                        "--threads", str(threads), "--worker", json.dumps(spec)]
-                return json.loads(run_process(cmd).stdout.strip().splitlines()[-1])
+                measured = run_process(cmd)  # peak RSS from wait4: the whole worker process
+                return {**json.loads(measured.stdout.strip().splitlines()[-1]), "peak_rss_mib": measured.peak_rss_mib}
             return run
 
         with tqdm(total=repeats * len(specs), desc="runs", unit="run") as bar:

@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
-import torch
 
 from seal_gguf.fileio import atomic_file
 
@@ -26,6 +26,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def machine() -> str:
+    import torch  # here, not at the top: llama.cpp workers measure their memory without it
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -59,23 +61,36 @@ class ProcessRun:
     stdout: str
 
 
+# A fork child starts with its parent's resident-set high-water mark and exec does not reset it, so a
+# big benchmark process would see its own size in every child's ru_maxrss. This small launcher forks
+# the command instead and reports the command's own peak (its waited-for descendants included).
+_LAUNCHER = """
+import os, sys
+report, cmd = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    os.execvp(cmd[0], cmd)
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_process(cmd: Sequence[str]) -> ProcessRun:
-    """Run a command to completion; wall time and peak RSS from wait4 (Linux: the child's own and
-    its descendants' maximum, so converter subprocesses count). Output goes to files, not pipes,
-    so that nothing but wait4 reaps the child."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    if proc.returncode != 0:
-        tail = (stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise click.ClickException(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {tail}")
-    return ProcessRun(seconds, usage.ru_maxrss / 1024, stdout)
+    """Run a command to completion: its wall time, peak RSS (Linux: KiB from wait4, converter
+    subprocesses included) and standard output."""
+    with tempfile.TemporaryDirectory() as work:
+        report, out_path, err_path = Path(work, "maxrss"), Path(work, "stdout"), Path(work, "stderr")
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            start = time.perf_counter()
+            code = subprocess.call([sys.executable, "-c", _LAUNCHER, str(report), *cmd], stdout=out, stderr=err)
+            seconds = time.perf_counter() - start
+        stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+        if code != 0 or not report.is_file():
+            tail = (stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise click.ClickException(f"{' '.join(cmd[:4])} ... failed ({code}): {tail}")
+        return ProcessRun(seconds, int(report.read_text()) / 1024, stdout)
 
 
 T = TypeVar("T")
@@ -99,8 +114,11 @@ class Spread:
     low: float
     high: float
 
+    def format(self, spec: str = ".3g") -> str:
+        return f"{self.median:{spec}} ({self.low:{spec}}–{self.high:{spec}})"
+
     def __str__(self) -> str:
-        return f"{self.median:.3g} ({self.low:.3g}–{self.high:.3g})"
+        return self.format()
 
 
 def spread(values: Sequence[float]) -> Spread:

@@ -13,6 +13,7 @@ import click
 
 from .. import __version__
 from ..errors import SealError
+from ..rope import KINDS as ROPE_KINDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,3 +64,21 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 
 # Paths are checked by the library, which names the file and says what to do.
 PATH = click.Path(path_type=Path)
+
+
+def rope_options(func: F) -> F:
+    """--rope-scaling / --rope-factor / --rope-original-context: a training-free context extension.
+    The command turns them into a RopeScaling with seal_gguf.rope.rope_from_options."""
+    options = (
+        click.option("--rope-scaling", type=click.Choice(ROPE_KINDS), default=None,
+                     help="Extend the context without training: linear (position interpolation), yarn (YaRN) or "
+                          "ntk (NTK-aware: the RoPE base raised to theta * F^(d/(d-2)), d the rotary dimension). "
+                          "Needs --rope-factor."),
+        click.option("--rope-factor", type=float, default=None, metavar="F",
+                     help="How many times longer the context gets (> 1)."),
+        click.option("--rope-original-context", type=int, default=None, metavar="N",
+                     help="The context the model was trained for [default: its max_position_embeddings]."),
+    )
+    for option in reversed(options):
+        func = option(func)
+    return func

@@ -9,9 +9,13 @@ from typing import Any
 
 import click
 
+from ..constants import ScalesMeta
 from ..convert import LLAMA_CPP_ENV, convert
 from ..quantize import quantize
-from .app import PATH, cli, force_option, handle_errors, quiet_option
+from ..rope import extension_mismatch, rope_for_model
+from ..scales import read_scales
+from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
+from .ship_cmds import check_modelfile, modelfile_after_conversion, ollama_flag
 
 outtype_option = click.option(
     "--outtype", default="f16", show_default=True, metavar="TYPE",
@@ -30,7 +34,7 @@ output_option = click.option("-o", "--output", "out_path", type=PATH, required=T
 
 def conversion_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed((output_option, outtype_option, imatrix_option, attn_output_option, llama_cpp_option,
-                            verbose_option, force_option, quiet_option)):
+                            rope_options, verbose_option, force_option, quiet_option)):
         func = option(func)
     return func
 
@@ -44,10 +48,12 @@ def report(out_path: Path, outtype: str, started: float) -> None:
 @click.argument("model_dir", type=PATH)
 @click.argument("scales", type=PATH)
 @conversion_options
+@ollama_flag
 @handle_errors
 def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str, imatrix: Path | None,
-                     attn_output_type: str | None, llama_cpp: Path | None, verbose: bool, force: bool,
-                     quiet: bool) -> None:
+                     attn_output_type: str | None, llama_cpp: Path | None, rope_scaling: str | None,
+                     rope_factor: float | None, rope_original_context: int | None, verbose: bool, force: bool,
+                     quiet: bool, ollama: bool) -> None:
     """Fold SEAL scales into a model while llama.cpp's converter turns it into a GGUF.
 
     The o_proj columns are scaled inside the converter in one pass (no folded copy on disk);
@@ -58,11 +64,21 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
     Examples:
       seal-gguf fold-and-convert smol/ scales.safetensors -o smol-seal.gguf --outtype q8_0
       seal-gguf fold-and-convert smol/ scales.safetensors -o smol-q4.gguf --outtype q4_k_m --attn-output-type q8_0
+      seal-gguf fold-and-convert smol/ scales-yarn.safetensors -o smol-16k.gguf --rope-scaling yarn --rope-factor 2
+      seal-gguf fold-and-convert smol/ scales.safetensors -o smol-seal.gguf --outtype q8_0 --ollama
     """
     started = time.monotonic()
+    rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
+    mismatch = extension_mismatch(read_scales(scales).metadata.get(ScalesMeta.ROPE_SCALING), rope)
+    if mismatch is not None:
+        click.echo(f"warning: {mismatch}", err=True)
+    if ollama:
+        check_modelfile(out_path, force)
     convert(model_dir, out_path, outtype, scales, imatrix=imatrix, attn_output_type=attn_output_type,
-            llama_cpp=llama_cpp, force=force, verbose=verbose, progress=not quiet)
+            llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=not quiet)
     report(out_path, outtype, started)
+    if ollama:
+        modelfile_after_conversion(out_path, scales, force)
 
 
 @cli.command("convert")
@@ -70,16 +86,21 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
 @conversion_options
 @handle_errors
 def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | None, attn_output_type: str | None,
-                llama_cpp: Path | None, verbose: bool, force: bool, quiet: bool) -> None:
+                llama_cpp: Path | None, rope_scaling: str | None, rope_factor: float | None,
+                rope_original_context: int | None, verbose: bool, force: bool, quiet: bool) -> None:
     """Convert a model to GGUF without scales: the baseline, through the same converter.
 
+    With --rope-scaling the GGUF carries the context extension: llama.cpp runs it as is.
+
     \b
-    Example:
+    Examples:
       seal-gguf convert smol/ -o smol-base-q4.gguf --outtype q4_k_m
+      seal-gguf convert smol/ -o smol-ntk2.gguf --rope-scaling ntk --rope-factor 2
     """
     started = time.monotonic()
+    rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
     convert(model_dir, out_path, outtype, imatrix=imatrix, attn_output_type=attn_output_type,
-            llama_cpp=llama_cpp, force=force, verbose=verbose, progress=not quiet)
+            llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=not quiet)
     report(out_path, outtype, started)
 
 

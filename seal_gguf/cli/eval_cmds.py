@@ -12,7 +12,8 @@ from ..data import TASKS
 from ..evaluate import evaluate, render_table, write_report_json
 from ..fileio import check_output_path
 from ..plots import check_plot_path, plot_report
-from .app import PATH, cli, force_option, handle_errors, quiet_option
+from ..rope import rope_from_options
+from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
 
 
 class NumberList(click.ParamType):
@@ -51,29 +52,34 @@ class NumberList(click.ParamType):
               help="CPU threads per model [default: llama.cpp's and PyTorch's own].")
 @click.option("--json", "json_out", type=PATH, default=None, help="Write every case and figure as JSON.")
 @click.option("--plot", "plot_out", type=PATH, default=None, help="Write a plot (.png, .pdf or .svg).")
+@rope_options
 @force_option
 @quiet_option
 @handle_errors
 def eval_cmd(models: tuple[Path, ...], task: str, lengths: list[int], samples: int, depths: list[float] | None,
              seed: int, scales: Path | None, max_tokens: int, threads: int | None, json_out: Path | None,
-             plot_out: Path | None, force: bool, quiet: bool) -> None:
+             plot_out: Path | None, rope_scaling: str | None, rope_factor: float | None,
+             rope_original_context: int | None, force: bool, quiet: bool) -> None:
     """Measure retrieval accuracy of GGUFs (llama.cpp) and HF folders (PyTorch) on the same cases.
 
     Every model answers the same generated prompts, greedily. Prints accuracy per model and length
     with a 95% interval, and compares the first model with each other one case by case.
+    --rope-scaling extends the context of the HF folders; a GGUF carries its own extension.
 
     \b
     Examples:
       seal-gguf eval smol.gguf smol-seal-q8_0.gguf --lengths 1024,2048 --samples 20
       seal-gguf eval smol/ smol-seal-f16.gguf --scales scales.safetensors --json eval.json --plot eval.png
       seal-gguf eval smol-seal-q8_0.gguf --task niah --lengths 1024,4096 --depths 0,50,100 --samples 4
+      seal-gguf eval smol/ smol-yarn2.gguf --rope-scaling yarn --rope-factor 2 --lengths 12288 --samples 10
     """
+    rope = rope_from_options(rope_scaling, rope_factor, rope_original_context)
     if json_out is not None:
         check_output_path(json_out, force, inputs=[*models, scales])
     if plot_out is not None:
         check_plot_path(plot_out, force)
     report = evaluate(list(models), task, lengths, samples, seed=seed, depths=depths, scales=scales,
-                      progress=not quiet, max_tokens=max_tokens, threads=threads)
+                      progress=not quiet, max_tokens=max_tokens, threads=threads, rope=rope)
     click.echo(render_table(report))
     if json_out is not None:
         write_report_json(json_out, report, force=force)

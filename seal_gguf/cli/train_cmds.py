@@ -11,10 +11,11 @@ import click
 from ..constants import GRANULARITIES, GRANULARITY_HEAD
 from ..data import TASKS, load_cases, make_cases, save_cases
 from ..fileio import check_output_path
+from ..rope import rope_for_model
 from ..runners import load_tokenizer
 from ..scales import save_scales
 from ..train import DEFAULT_LR, DEVICES, DTYPES, train_scales
-from .app import PATH, cli, force_option, handle_errors, quiet_option
+from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
 
 
 def _accuracy(result: tuple[int, int] | None) -> str:
@@ -47,12 +48,14 @@ def _accuracy(result: tuple[int, int] | None) -> str:
 @click.option("--save-cases", "save_cases_file", type=PATH, default=None, help="Also write the training cases as JSONL.")
 @click.option("--no-gradient-checkpointing", is_flag=True,
               help="Keep all activations: faster, much more memory at long lengths.")
+@rope_options
 @force_option
 @quiet_option
 @handle_errors
 def train(model_dir: Path, output: Path, granularity: str, task: str, samples: int, length: int,
           lr: float | None, seed: int, device: str, dtype: str, eval_samples: int, cases_file: Path | None,
-          save_cases_file: Path | None, no_gradient_checkpointing: bool, force: bool, quiet: bool) -> None:
+          save_cases_file: Path | None, no_gradient_checkpointing: bool, rope_scaling: str | None,
+          rope_factor: float | None, rope_original_context: int | None, force: bool, quiet: bool) -> None:
     """Learn SEAL scales for an HF model on generated retrieval cases; the model stays frozen.
 
     Prints held-out accuracy before and after; the scales file records how it was made.
@@ -61,7 +64,9 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
     Examples:
       seal-gguf train smol/ -o scales.safetensors
       seal-gguf train smol/ -o scales-c.safetensors --granularity channel --length 2048 --device cuda
+      seal-gguf train smol/ -o scales-yarn.safetensors --granularity channel --rope-scaling yarn --rope-factor 2
     """
+    rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
     # refuse existing outputs before the long work, not after it
     check_output_path(output, force, inputs=[cases_file])
     if save_cases_file is not None:
@@ -76,14 +81,15 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
         model_dir, granularity=granularity, task=task, samples=samples, length=length, lr=lr, seed=seed,
         device=device, dtype=dtype, gradient_checkpointing=not no_gradient_checkpointing,
         eval_samples=eval_samples, progress=not quiet, cases=cases,
-        command=shlex.join(["seal-gguf", *sys.argv[1:]]),
+        command=shlex.join(["seal-gguf", *sys.argv[1:]]), rope=rope,
     )
     save_scales(output, result.scales, result.layout, granularity, result.provenance, force=force)
     meta = result.provenance
     window = max(1, min(10, len(result.losses) // 2))
     first, last = (sum(part) / len(part) for part in (result.losses[:window], result.losses[-window:]))
-    click.echo(f"Trained {granularity} scales on {meta['samples']} {meta['task']} cases of {meta['length']} tokens "
-               f"({result.seconds_per_case:.1f} s per case); loss {first:.3f} -> {last:.3f} "
+    under = f" under {rope} RoPE scaling" if rope else ""
+    click.echo(f"Trained {granularity} scales on {meta['samples']} {meta['task']} cases of {meta['length']} tokens"
+               f"{under} ({result.seconds_per_case:.1f} s per case); loss {first:.3f} -> {last:.3f} "
                f"(mean of the first / last {window})")
     click.echo(f"Held-out accuracy: before {_accuracy(result.heldout_before)}, "
                f"after {_accuracy(result.heldout_after)}")
