@@ -9,6 +9,8 @@ compared position by position:
   top-1 agreement, and the change in the probability of the text's next token, summarised as
   llama-perplexity's KL-divergence report does. Base GGUFs are compared with the unscaled model.
 - Level 3 (optional), retrieval accuracy on generated cases, through evaluate.py.
+With a context extension (rope.RopeScaling) every engine runs the extended model: PyTorch loads it
+with the extended config, and each GGUF must carry the same extension in its metadata.
 Defaults per GGUF type turn the figures into pass / fail, so the command can gate a release.
 """
 
@@ -29,11 +31,12 @@ import torch
 from tqdm import tqdm
 
 from .architectures import ModelLayout, layout_from_config, read_config
-from .constants import CONFIG_FOLD_KEY, GGUF_SEAL_PREFIX, GGUFKeys
+from .constants import CONFIG_FOLD_KEY, GGUF_SEAL_PREFIX, GGUFKeys, ScalesMeta
 from .errors import InputError, ValidationFailed
 from .fileio import atomic_file, require_file, require_gguf
 from .fold import check_not_folded, fold_checkpoint
 from .hooks import attach_scales
+from .rope import RopeScaling, expected_gguf_keys, extend_config, extension_mismatch, parse_rope_scaling
 from .runners import HFRunner
 from .scales import SealScales, load_scales
 
@@ -52,6 +55,10 @@ MAX_RELATIVE_LOGIT_DIFF = 1e-4
 COMPARE_BLOCK = 32
 # HF model_type -> the general.architecture llama.cpp's converter writes for it.
 GGML_TYPE_F32 = 0  # KV cache in f32: the figures then measure the weights, not the cache
+# llama.cpp reports float metadata with 6 decimals (std::to_string): compared to this relative precision.
+METADATA_REL_TOL = 1e-5
+CONTEXT_LENGTH_KEY = "context_length"  # after the '{arch}.' prefix, as rope.expected_gguf_keys names it
+ROPE_KEY_PREFIX = "rope."
 
 
 # -- evaluation text --
@@ -237,6 +244,7 @@ class GGUFInfo:
     embedding_length: int | None
     vocab_size: int
     seal: dict[str, str]
+    rope_keys: dict[str, str]  # context_length and rope.* (after the '{arch}.' prefix): the context extension
 
 
 def file_type_name(value: int | None) -> str:
@@ -265,6 +273,8 @@ def gguf_info(path: Path, metadata: dict[str, str], n_vocab: int) -> GGUFInfo:
         head_count_kv=number(f"{arch}.attention.head_count_kv"), head_dim=number(f"{arch}.attention.key_length"),
         embedding_length=number(f"{arch}.embedding_length"), vocab_size=n_vocab,
         seal={k: v for k, v in metadata.items() if k.startswith(GGUF_SEAL_PREFIX)},
+        rope_keys={name: v for k, v in metadata.items() if k.startswith(f"{arch}.")
+                   and ((name := k.removeprefix(f"{arch}.")) == CONTEXT_LENGTH_KEY or name.startswith(ROPE_KEY_PREFIX))},
     )
 
 
@@ -311,6 +321,88 @@ def seal_warnings(info: GGUFInfo, scales: SealScales | None) -> list[str]:
     if recorded and scales.sha256 and recorded != scales.sha256:
         return [f"{name} records scales sha256 {str(recorded)[:12]}..., the scales file is {scales.sha256[:12]}..."]
     return []
+
+
+# -- the context extension --
+
+def _same_value(want: Any, text: str | None) -> bool:
+    if text is None:
+        return False
+    try:
+        if isinstance(want, float):
+            return math.isclose(want, float(text), rel_tol=METADATA_REL_TOL)
+        if isinstance(want, int):
+            return int(text) == want
+    except ValueError:
+        return False
+    return text == str(want)
+
+
+def extension_differences(info: GGUFInfo, config: dict[str, Any], scaling: RopeScaling) -> list[str]:
+    """'key = value (expected ...)' for each key the GGUF of the model extended by `scaling` has and
+    this GGUF lacks or gives another value."""
+    want = expected_gguf_keys(config, scaling)
+    return [f"{name} = {info.rope_keys.get(name, 'missing')} (expected {value})" for name, value in want.items()
+            if not _same_value(value, info.rope_keys.get(name))]
+
+
+def stretched_context(info: GGUFInfo, config: dict[str, Any]) -> tuple[int, int] | None:
+    """(GGUF context_length, config max_position_embeddings) when the GGUF's is the longer: every
+    extension stretches it. The scaling keys alone say nothing (a model whose own config is scaled
+    converts with them)."""
+    native, context = config.get("max_position_embeddings"), info.rope_keys.get(CONTEXT_LENGTH_KEY, "")
+    if isinstance(native, int) and context.isdigit() and int(context) > native:
+        return int(context), native
+    return None
+
+
+def carried_extension(info: GGUFInfo, config: dict[str, Any]) -> RopeScaling | None:
+    """The extension this model was converted with to give the GGUF's keys; None when it has none,
+    or none that --rope-scaling options reproduce."""
+    stretched = stretched_context(info, config)
+    if stretched is None:
+        return None
+    context, native = stretched
+    kind = info.rope_keys.get("rope.scaling.type")
+    try:
+        if kind in ("linear", "yarn"):
+            factor = float(info.rope_keys.get("rope.scaling.factor", "nan"))
+            original = info.rope_keys.get("rope.scaling.original_context_length")
+            candidate = RopeScaling(kind, factor, int(original) if original else round(context / factor))
+        else:  # ntk leaves no type: only the longer context and the raised base tell
+            candidate = RopeScaling("ntk", context / native, native)
+        return None if extension_differences(info, config, candidate) else candidate
+    except (InputError, ValueError):  # no valid factor, or a model that cannot take this extension
+        return None
+
+
+def rope_option_text(scaling: RopeScaling, config: dict[str, Any]) -> str:
+    """The command-line options that give `scaling` for this model."""
+    text = f"--rope-scaling {scaling.kind} --rope-factor {scaling.factor:g}"
+    if scaling.original_context != config.get("max_position_embeddings"):
+        text += f" --rope-original-context {scaling.original_context}"
+    return text
+
+
+def check_extension(info: GGUFInfo, config: dict[str, Any], rope: RopeScaling | None) -> None:
+    """Refuse a GGUF whose context extension is not `rope` (None: the model's own context): llama.cpp
+    runs a GGUF with the extension its metadata carries, and the reference must be that model."""
+    name = Path(info.path).name
+    carried = carried_extension(info, config)
+    stretched = stretched_context(info, config)
+    if rope is None:
+        if stretched is None:
+            return
+        how = (f"pass {rope_option_text(carried, config)}" if carried is not None
+               else "pass the --rope-scaling options it was converted with")
+        raise InputError(f"{name} carries a RoPE context extension (context_length {stretched[0]}, the model's "
+                         f"max_position_embeddings {stretched[1]}); validate it against the model extended the "
+                         f"same way: {how}")
+    wrong = extension_differences(info, config, rope)
+    if wrong:
+        was = (f"; it was converted with {rope_option_text(carried, config)}" if carried is not None
+               else "; it was converted without --rope-scaling" if stretched is None else "")
+        raise InputError(f"{name} does not carry the {rope} RoPE context extension given ({'; '.join(wrong)}){was}")
 
 
 # -- engines --
@@ -436,6 +528,7 @@ class ValidationReport:
     ctx: int
     documents: list[tuple[str, int]]  # name, tokens
     chunks: int
+    rope_scaling: str | None = None  # the context extension every engine ran (RopeScaling.spec()); None: none
     folded: FoldedResult | None = None
     ggufs: list[GGUFResult] = field(default_factory=list)
     retrieval: Any = None  # evaluate.EvalReport
@@ -484,8 +577,12 @@ def validate(
     seed: int = 0,
     allow_token_mismatch: bool = False,
     progress: bool = True,
+    rope: RopeScaling | None = None,
 ) -> ValidationReport:
-    """Run every level; the report holds the figures and the failures (nothing is raised for them)."""
+    """Run every level; the report holds the figures and the failures (nothing is raised for them).
+
+    rope: a context extension the model runs with in every engine; each GGUF must carry it.
+    """
     model_dir, scales_path = Path(model_dir), Path(scales_path)
     ggufs, base_ggufs = [Path(g) for g in ggufs], [Path(g) for g in base_ggufs]
     if ctx < MIN_CTX:
@@ -498,19 +595,26 @@ def validate(
     layout = layout_from_config(config, model_dir / "config.json")
     check_not_folded(config, str(model_dir), force=False)
     scales = load_scales(scales_path, layout)
+    if rope is not None:  # a model that cannot take the extension fails now, not after the reference
+        rope = rope.resolved(config, str(model_dir / "config.json"))
+        extend_config(config, rope, str(model_dir / "config.json"))
     if folded is not None:
-        read_config(Path(folded))
+        folded_config = read_config(Path(folded))
+        if rope is not None:
+            extend_config(folded_config, rope, str(Path(folded) / "config.json"))
 
     if len({g.resolve() for g in [*ggufs, *base_ggufs]}) < len(ggufs) + len(base_ggufs):
         raise InputError("the same GGUF is listed twice")
     # Every GGUF is checked to be this model before any logits are computed.
     infos = {g: read_gguf_info(g) for g in [*ggufs, *base_ggufs]}
-    warnings = []
+    mismatch = extension_mismatch(scales.metadata.get(ScalesMeta.ROPE_SCALING), rope)
+    warnings = [mismatch] if mismatch else []
     for g, info in infos.items():
         check_same_model(info, config, layout, model_dir)
+        check_extension(info, config, rope)
         warnings += seal_warnings(info, scales if g in ggufs else None)
 
-    runner = HFRunner(model_dir)  # float32, no hooks: scales are attached per pass below
+    runner = HFRunner(model_dir, rope=rope)  # float32, no hooks: scales are attached per pass below
     tokenizer = runner.tokenizer
     documents = [read_text_document(text)] if text else [*builtin_documents(), retrieval_document(tokenizer)]
     if task is not None:
@@ -532,7 +636,8 @@ def validate(
 
     report = ValidationReport(
         str(model_dir), str(scales_path), scales.sha256, scales.granularity, ctx,
-        [(d.name, len(ids)) for d, ids in zip(documents, hf_ids, strict=True)], len(chunks), warnings=warnings,
+        [(d.name, len(ids)) for d, ids in zip(documents, hf_ids, strict=True)], len(chunks),
+        rope_scaling=rope.spec() if rope else None, warnings=warnings,
     )
     with tempfile.TemporaryDirectory(prefix="seal-validate-") as tmp_name:
         tmp = Path(tmp_name)
@@ -547,7 +652,8 @@ def validate(
                 bar.update(len(chunk.ids))
         runner.close()
 
-        report.folded = _level1(model_dir, scales_path, scales, folded, chunks, scaled, tmp, progress, warnings)
+        report.folded = _level1(model_dir, scales_path, scales, folded, chunks, scaled, tmp, progress, warnings,
+                                rope)
         for g in ggufs:
             report.ggufs.append(_level2("seal", infos[g], chunks, scaled, vocab, max_kld, progress))
         for g in base_ggufs if unscaled is not None else []:
@@ -558,13 +664,13 @@ def validate(
 
         # The hooked reference first: every GGUF, SEAL or base, is paired with it case by case.
         report.retrieval = evaluate([model_dir, *ggufs, *base_ggufs], task, [int(length or 0)],
-                                    int(samples or 0), seed, scales=scales_path, progress=progress)
+                                    int(samples or 0), seed, scales=scales_path, progress=progress, rope=rope)
     return report
 
 
 def _level1(model_dir: Path, scales_path: Path, scales: SealScales, folded: Path | None,
             chunks: Sequence[Chunk], reference: LogitStore, tmp: Path, progress: bool,
-            warnings: list[str]) -> FoldedResult:
+            warnings: list[str], rope: RopeScaling | None) -> FoldedResult:
     if folded is None:
         folded_dir = fold_checkpoint(model_dir, scales_path, tmp / "folded", progress=progress).out_dir
     else:
@@ -575,7 +681,7 @@ def _level1(model_dir: Path, scales_path: Path, scales: SealScales, folded: Path
         elif record.get("scales_sha256") != scales.sha256:
             warnings.append(f"{folded_dir} records scales sha256 {str(record.get('scales_sha256'))[:12]}..., "
                             f"the scales file is {str(scales.sha256)[:12]}...")
-    runner = HFRunner(folded_dir)
+    runner = HFRunner(folded_dir, rope=rope)
     max_diff = max_logit = 0.0
     try:
         with _bar(chunks, "folded", progress) as bar:
@@ -622,6 +728,7 @@ def format_report(report: ValidationReport) -> str:
         f"({report.granularity} scales) applied by hooks",
         f"Text: {', '.join(f'{name} ({n})' for name, n in report.documents)}: {tokens} tokens in "
         f"{report.chunks} chunks of at most {report.ctx}",
+        _extension_line(report.rope_scaling),
         "",
     ]
     if report.folded:
@@ -640,6 +747,14 @@ def format_report(report: ValidationReport) -> str:
         out += ["", "Level 3, retrieval", render_table(report.retrieval)]
     out += ["", "PASSED" if not report.failures else f"FAILED: {len(report.failures)} check(s)"]
     return "\n".join(out)
+
+
+def _extension_line(spec: str | None) -> str:
+    if spec is None:
+        return "Context extension: none (the model's own RoPE)"
+    s = parse_rope_scaling(spec)
+    return (f"Context extension: {s.kind} RoPE scaling x{s.factor:g} ({spec}): {s.original_context} -> "
+            f"{s.extended_context} tokens, in PyTorch and in every GGUF")
 
 
 def _level2_rows(results: Sequence[GGUFResult]) -> list[list[str]]:

@@ -8,8 +8,9 @@ import click
 
 from ..data import TASKS
 from ..fileio import check_output_path
+from ..rope import rope_for_model
 from ..validate import DEFAULT_CTX, format_report, raise_for_failures, validate, write_report_json
-from .app import PATH, cli, handle_errors, quiet_option
+from .app import PATH, cli, handle_errors, quiet_option, rope_options
 
 
 @cli.command("validate")
@@ -32,6 +33,7 @@ from .app import PATH, cli, handle_errors, quiet_option
 @click.option("--allow-token-mismatch", is_flag=True,
               help="Warn instead of failing when llama.cpp tokenizes the text differently (the logits are "
                    "still compared on transformers' ids).")
+@rope_options
 @click.option("--json", "json_out", type=PATH, help="Write every figure to this JSON file.")
 @click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @quiet_option
@@ -39,12 +41,15 @@ from .app import PATH, cli, handle_errors, quiet_option
 def validate_cmd(model_dir: Path, scales: Path, ggufs: tuple[Path, ...], base_ggufs: tuple[Path, ...],
                  folded: Path | None, text: Path | None, ctx: int, max_kld: float | None, task: str | None,
                  length: int | None, samples: int | None, seed: int, allow_token_mismatch: bool,
+                 rope_scaling: str | None, rope_factor: float | None, rope_original_context: int | None,
                  json_out: Path | None, force: bool, quiet: bool) -> None:
     """Check that folded weights and GGUFs compute what the model with hooked scales computes.
 
     Level 1: the folded HF checkpoint, max |Δlogit|. Level 2: each GGUF in llama.cpp on the same
     tokens: KL divergence, top-1 agreement, Δp. Level 3 (--task): retrieval accuracy. Exits 1 when a
     limit is exceeded (mean KLD f32 1e-5 and top-1 100%, f16/bf16 1e-3, q8_0 5e-3; others --max-kld).
+    A GGUF converted with --rope-scaling is validated with the same options: every level then runs
+    the extended model, and each GGUF must carry that extension.
 
     \b
     Examples:
@@ -52,12 +57,15 @@ def validate_cmd(model_dir: Path, scales: Path, ggufs: tuple[Path, ...], base_gg
       seal-gguf validate smol/ scales.safetensors smol-seal-q4_k_m.gguf --base-gguf smol-q4_k_m.gguf \\
           --max-kld 0.05 --json report.json
       seal-gguf validate smol/ scales.safetensors smol-seal-q8_0.gguf --task lines --length 1024 --samples 20
+      seal-gguf validate smol/ scales-yarn.safetensors smol-16k.gguf --rope-scaling yarn --rope-factor 2 \\
+          --text long.txt --ctx 16384
     """
+    rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
     if json_out is not None:
         check_output_path(json_out, force, inputs=[model_dir, scales, *ggufs, *base_ggufs, folded, text])
     report = validate(model_dir, scales, ggufs, base_ggufs, folded=folded, text=text, ctx=ctx, max_kld=max_kld,
                       task=task, length=length, samples=samples, seed=seed,
-                      allow_token_mismatch=allow_token_mismatch, progress=not quiet)
+                      allow_token_mismatch=allow_token_mismatch, progress=not quiet, rope=rope)
     for warning in report.warnings:
         click.echo(f"Warning: {warning}", err=True)
     click.echo(format_report(report))
