@@ -56,6 +56,7 @@ class GGUFKeys:
     NUM_HEADS = "seal.num_heads"
     HEAD_DIM = "seal.head_dim"
     VERSION = "seal.seal_gguf_version"
+    SOURCE_GGUF_SHA256 = "seal.source_gguf_sha256"  # fold-gguf: the GGUF the scales were folded into
 
 
 GGUF_SEAL_PREFIX = "seal."

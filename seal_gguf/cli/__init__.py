@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 # Each module registers its commands on `cli` when imported.
-from . import convert_cmds, demo_cmds, eval_cmds, model_cmds, ship_cmds, train_cmds, validate_cmds  # noqa: F401
+from . import convert_cmds, demo_cmds, eval_cmds, gguf_cmds, model_cmds, ship_cmds, train_cmds, validate_cmds  # noqa: F401
 from .app import cli
 
 

@@ -1,0 +1,44 @@
+"""Commands on existing GGUF files: fold-gguf."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .app import PATH, cli, force_option, handle_errors, quiet_option
+
+
+@cli.command("fold-gguf")
+@click.argument("gguf_file", type=PATH)
+@click.argument("scales", type=PATH)
+@click.option("-o", "--output", "out_path", type=PATH, required=True, help="The folded GGUF to write.")
+@force_option
+@quiet_option
+@handle_errors
+def fold_gguf_cmd(gguf_file: Path, scales: Path, out_path: Path, force: bool, quiet: bool) -> None:
+    """Fold SEAL scales into an existing GGUF, for when there is no HF checkpoint.
+
+    Only the attn_output tensors change, in their own type: f32, f16 and bf16 are scaled exactly;
+    Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 are dequantized, scaled and quantized back (with SEAL-H scales
+    and a head size that is a multiple of 32 that costs fp16 rounding only); K-quants, IQ4_NL,
+    IQ4_XS and IQ3_S are requantized by llama.cpp's quantizer, a small extra loss. Every other
+    tensor and all metadata are copied byte for byte; seal.* keys record the scales. --force also
+    folds into a GGUF that already has scales (its seal.* keys are replaced).
+
+    \b
+    Examples:
+      seal-gguf fold-gguf SmolLM2-135M-Instruct.Q4_1.gguf scales.safetensors -o smol-seal.Q4_1.gguf
+      seal-gguf fold-gguf model-f16.gguf scales.safetensors -o model-seal-f16.gguf
+    """
+    from ..fold_gguf import fold_gguf  # imports gguf: only when the command runs
+
+    started = time.monotonic()
+    result = fold_gguf(gguf_file, scales, out_path, force=force, progress=not quiet)
+    for qtype in result.requantized:
+        click.echo(f"Note: the {qtype} attn_output tensors were requantized by llama.cpp's quantizer "
+                   "(lossy); fold-and-convert from the HF model avoids that", err=True)
+    size = result.out_path.stat().st_size / 1e6
+    click.echo(f"Folded {result.layers} attn_output tensors ({', '.join(result.types)}) into {result.out_path} "
+               f"({size:.1f} MB, largest |weight| {result.max_abs_weight:.4g}) in {time.monotonic() - started:.1f} s")
