@@ -12,15 +12,19 @@ from .fileio import require_file
 from .scales import read_scales, summarize
 
 
-def gguf_seal_metadata(path: Path) -> dict[str, Any]:
-    """The seal.* keys of a GGUF file (empty when it carries no SEAL provenance)."""
+def gguf_reader(path: Path) -> Any:
+    """gguf-py's reader over an existing file; one clear error when it is not a readable GGUF."""
     from gguf import GGUFReader
 
-    path = require_file(Path(path), "GGUF file")
     try:
-        reader = GGUFReader(str(path), "r")
+        return GGUFReader(str(path), "r")
     except Exception as exc:  # the reader raises bare ValueError/struct errors on corrupt files
         raise InputError(f"{path}: not a readable GGUF file ({exc})") from None
+
+
+def gguf_seal_metadata(path: Path) -> dict[str, Any]:
+    """The seal.* keys of a GGUF file (empty when it carries no SEAL provenance)."""
+    reader = gguf_reader(require_file(Path(path), "GGUF file"))
     out: dict[str, Any] = {}
     for name, field in reader.fields.items():
         if name.startswith(GGUF_SEAL_PREFIX) or name == "general.architecture":

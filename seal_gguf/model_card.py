@@ -112,13 +112,12 @@ class GGUFFacts:
 
 def read_gguf_facts(path: Path) -> GGUFFacts:
     """The GGUF's metadata (scalars and small arrays) and its BOS / EOS token texts."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
+
+    from .inspection import gguf_reader
 
     path = require_gguf(Path(path))
-    try:
-        reader = GGUFReader(str(path), "r")
-    except Exception as exc:  # the reader raises bare ValueError/struct errors on corrupt files
-        raise InputError(f"{path}: not a readable GGUF file ({exc})") from None
+    reader = gguf_reader(path)
     metadata: dict[str, Any] = {}
     for name, field in reader.fields.items():
         if not field.types or (field.types[0] == GGUFValueType.ARRAY and len(field.data) > SMALL_ARRAY):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_chat import one_line_error
 
 from seal_gguf.cli import cli
 from seal_gguf.model_card import GGUFFacts, read_gguf_facts
@@ -44,14 +45,6 @@ def ok(*args: object) -> str:
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def parse_modelfile(text: str) -> list[tuple[str, str]]:
@@ -362,7 +355,7 @@ def test_fold_and_convert_refuses_a_modelfile_before_converting(shipped: Path, t
 def test_card_from_real_outputs(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     output = ok("card", shipped / "seal-f16.gguf", "--validate-json", shipped / "validate.json", "--eval-json",
                 shipped / "eval.json", "--license", "apache-2.0")
-    assert "recipe from scales.safetensors" in output
+    assert "recipe from seal-f16.gguf" in output  # the GGUF records the recipe itself: no scales file needed
     card = (shipped / "README.md").read_text(encoding="utf-8")
     assert card.startswith("---\nlicense: apache-2.0\ntags:\n- gguf\n- seal\n- llama.cpp\n---\n")
     validation = json.loads((shipped / "validate.json").read_text(encoding="utf-8"))
