@@ -33,7 +33,8 @@ from seal_gguf.scales import expected_shape, save_scales
 CASE_FIELDS = {"model", "length", "depth", "index", "expected", "given", "correct", "prompt_tokens", "seconds"}
 ACCURACY_FIELDS = {"model", "length", "depth", "correct", "total", "accuracy", "ci_low", "ci_high"}
 PAIRED_FIELDS = {"model_a", "model_b", "length", "both", "a_only", "b_only", "neither", "p_value"}
-MODEL_FIELDS = {"name", "path", "engine", "scales", "n_ctx", "seconds_per_case", "token_mismatches"}
+MODEL_FIELDS = {"name", "path", "engine", "scales", "n_ctx", "seconds_per_case", "token_mismatches",
+                 "rope_scaling"}
 
 
 def invoke(*args: object):
