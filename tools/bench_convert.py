@@ -192,7 +192,6 @@ def main(models: str, types: str, repeats: int, work: Path | None, output: Path)
                 tqdm.write(table(rows[-1:], repeats, command).strip().splitlines()[-1])
     text = table(rows, repeats, command)
     append_section(text, output)
-    click.echo(f"Appended to {output}:\n{text}")
 
 
 if __name__ == "__main__":

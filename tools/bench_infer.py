@@ -125,7 +125,6 @@ def main(ggufs: Path | None, types: str, prompt_len: int, generate: int, repeats
     text = table(results, {"threads": threads, "prompt": prompt_len, "generate": generate, "repeats": repeats},
                  command)
     append_section(text, output)
-    click.echo(f"Appended to {output}:\n{text}")
 
 
 if __name__ == "__main__":

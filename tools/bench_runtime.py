@@ -147,7 +147,6 @@ def main(prompt_len: int, generate: int, repeats: int, threads: int, output: Pat
     text = table(results, {"threads": threads, "prompt": prompt_len, "generate": generate, "repeats": repeats},
                  command)
     append_section(text, output)
-    click.echo(f"Appended to {output}:\n{text}")
 
 
 if __name__ == "__main__":

