@@ -59,7 +59,8 @@ def attach_scales(model: nn.Module, layout: ModelLayout, values: torch.Tensor) -
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             s = values[layer]
             s = s.repeat_interleave(layout.head_dim) if head_wise else s.reshape(-1)
-            return (args[0] * s.to(args[0].dtype), *args[1:])
+            # a dispatched model's layers may sit on other devices than the scales
+            return (args[0] * s.to(args[0].device, args[0].dtype), *args[1:])
 
         return hook
 

@@ -10,6 +10,7 @@ that they stay positive, as the scales file requires (a scale that small mutes i
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -30,6 +31,17 @@ from .data import Case, encode_case, make_cases, score_answer
 from .errors import InputError, ScalesError
 from .fold import check_not_folded
 from .hooks import attach_scales
+from .plan import (
+    CPU,
+    DISK,
+    accelerate_device_map,
+    available_memory,
+    estimate_step,
+    model_shape,
+    parse_max_memory,
+    place_layers,
+    read_device_map,
+)
 from .rope import RopeScaling, transformers_config
 from .runners import load_tokenizer, quiet_transformers
 from .scales import identity_scales
@@ -52,6 +64,7 @@ class TrainResult:
     heldout_after: tuple[int, int] | None
     seconds_per_case: float
     provenance: dict[str, str] = field(default_factory=dict)
+    device_map: dict[str, str] | None = None  # module -> device, when the model was dispatched
 
     @property
     def accuracy_before(self) -> float | None:
@@ -75,10 +88,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def device_map_for(model_dir: Path, spec: str, max_memory: str | None, length: int, dtype: str,
+                   checkpointing: bool, granularity: str) -> tuple[dict[str, str], torch.device]:
+    """(module -> device, where the inputs go) for `--device-map auto`, planned by seal_gguf.plan
+    within `max_memory` (default: what is free on each GPU, then in RAM, then disk), or for
+    `--device-map FILE.json`."""
+    if spec == "auto":
+        shape = model_shape(model_dir)
+        budgets = parse_max_memory(max_memory) if max_memory else available_memory()
+        placement = place_layers(shape, estimate_step(shape, length, dtype, checkpointing, granularity), budgets)
+        return placement.device_map, torch.device(placement.execution_device)
+    if max_memory:
+        raise InputError("--max-memory plans a device map: use it with --device-map auto, not with a map file")
+    device_map = read_device_map(Path(spec))
+    accelerators = [d for d in device_map.values() if d not in (CPU, DISK)]
+    return device_map, torch.device(accelerators[0] if accelerators else CPU)
+
+
 def load_model(model_dir: Path, device: torch.device, dtype: str, progress: bool = True,
-               rope: RopeScaling | None = None) -> tuple[nn.Module, ModelLayout]:
+               rope: RopeScaling | None = None, device_map: dict[str, str] | None = None,
+               offload_folder: Path | None = None) -> tuple[nn.Module, ModelLayout]:
     """The model frozen, in eval mode, with SDPA attention (its context extended by rope, if given);
-    and its head layout."""
+    and its head layout. With a device map (module -> cuda:N, mps, cpu or disk; see seal_gguf.plan)
+    accelerate dispatches the layers and `device` is where the inputs go."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
@@ -90,17 +122,19 @@ def load_model(model_dir: Path, device: torch.device, dtype: str, progress: bool
     # pickled-only, truncated or corrupt weights, or weights that do not fit config.json: refused
     # before transformers loads them
     locate_o_proj(read_headers(model_dir), layout)
-    extended = {} if rope is None else {"config": transformers_config(config, rope, str(model_dir / "config.json"))}
+    extra: dict[str, Any] = {} if rope is None else {"config": transformers_config(config, rope, str(model_dir / "config.json"))}
+    if device_map is not None:
+        extra |= {"device_map": accelerate_device_map(device_map), "offload_folder": str(offload_folder)}
     try:
         with nullcontext() if progress else quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=DTYPES[dtype], attn_implementation="sdpa", use_safetensors=True, **extended
+                str(model_dir), dtype=DTYPES[dtype], attn_implementation="sdpa", use_safetensors=True, **extra
             )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"{model_dir}: cannot load the model ({str(exc).splitlines()[0]})") from None
     model.requires_grad_(False)
     model.config.use_cache = False
-    return model.to(device).eval(), layout
+    return (model if device_map is not None else model.to(device)).eval(), layout
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -142,7 +176,8 @@ def answer_loss(model: nn.Module, prompt_ids: Sequence[int], answer_ids: Sequenc
     """
     ids = torch.tensor([[*prompt_ids, *answer_ids[:-1]]], device=device)
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(answer_ids)).logits[0]
-    return F.cross_entropy(logits.float(), torch.tensor(list(answer_ids), device=device))
+    # with a device map the logits come from the last layer's device
+    return F.cross_entropy(logits.float(), torch.tensor(list(answer_ids), device=logits.device))
 
 
 @torch.no_grad()
@@ -244,12 +279,16 @@ def train_scales(
     cases: Sequence[Case] | None = None,
     command: str = "",
     rope: RopeScaling | None = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> TrainResult:
     """Learn SEAL scales for the model in model_dir. Training cases are generated from the "train"
     split with `seed` unless `cases` are given; held-out cases are fresh "eval" cases of the same
     task and length with seed + 1, scored before and after training.
 
     rope: learn under this context extension; the scales file records it (ScalesMeta.ROPE_SCALING).
+    device_map: "auto" (placed by seal_gguf.plan within max_memory) or a JSON device-map file:
+    the layers spread over GPUs, CPU RAM and disk (accelerate's dispatch; `device` is then unused).
     """
     model_dir = Path(model_dir)
     if rope is not None:
@@ -261,7 +300,8 @@ def train_scales(
     lr = DEFAULT_LR[granularity] if lr is None else lr
     if not lr > 0:
         raise InputError(f"learning rate must be > 0, not {lr}")
-    torch_device = resolve_device(device)
+    if max_memory and device_map is None:
+        raise InputError("--max-memory needs --device-map auto")
     tokenizer = load_tokenizer(model_dir)
     if cases is None:
         if samples < 1:
@@ -270,9 +310,41 @@ def train_scales(
     else:
         task, length = _cases_summary(cases)
     heldout = make_cases(tokenizer, task, length, eval_samples, seed + 1, split="eval")
-    model, layout = load_model(model_dir, torch_device, dtype, progress, rope)
-    fingerprint = model_fingerprint(model_dir, layout)
+    dispatch: dict[str, str] | None = None
+    if device_map is None:
+        torch_device = resolve_device(device)
+    else:
+        dispatch, torch_device = device_map_for(model_dir, device_map, max_memory, length, dtype,
+                                                gradient_checkpointing, granularity)
+    # layers placed on "disk" are read back from this folder (or straight from the safetensors files)
+    with tempfile.TemporaryDirectory(prefix="seal-offload-") if dispatch else nullcontext() as offload:
+        model, layout = load_model(model_dir, torch_device, dtype, progress, rope, dispatch,
+                                   Path(offload) if offload else None)
+        result = _train_loaded(model, layout, tokenizer, cases, heldout, granularity, lr, torch_device,
+                               gradient_checkpointing, progress)
+    provenance = {
+        ScalesMeta.TASK: task,
+        ScalesMeta.SAMPLES: str(len(cases)),
+        ScalesMeta.LENGTH: str(length),
+        ScalesMeta.LR: repr(lr),
+        ScalesMeta.SEED: str(seed),
+        ScalesMeta.BASE_FINGERPRINT: model_fingerprint(model_dir, layout),
+        ScalesMeta.SEAL_GGUF_VERSION: __version__,
+        ScalesMeta.COMMAND: command,
+        ScalesMeta.HELDOUT_BEFORE: _fraction(result.heldout_before),
+        ScalesMeta.HELDOUT_AFTER: _fraction(result.heldout_after),
+    }
+    if rope is not None:
+        provenance[ScalesMeta.ROPE_SCALING] = rope.spec()
+    result.provenance = provenance
+    result.device_map = dispatch
+    return result
 
+
+def _train_loaded(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Sequence[Case],
+                  heldout: Sequence[Case], granularity: str, lr: float, torch_device: torch.device,
+                  gradient_checkpointing: bool, progress: bool) -> TrainResult:
+    """Held-out accuracy before, one epoch of training, held-out accuracy after."""
     scales = nn.Parameter(identity_scales(layout, granularity).to(torch_device))
     before = after = None
     if heldout:
@@ -286,20 +358,6 @@ def train_scales(
         with attach_scales(model, layout, scales):
             after = heldout_accuracy(model, tokenizer, heldout, torch_device, progress, "held-out after")
 
-    provenance = {
-        ScalesMeta.TASK: task,
-        ScalesMeta.SAMPLES: str(len(cases)),
-        ScalesMeta.LENGTH: str(length),
-        ScalesMeta.LR: repr(lr),
-        ScalesMeta.SEED: str(seed),
-        ScalesMeta.BASE_FINGERPRINT: fingerprint,
-        ScalesMeta.SEAL_GGUF_VERSION: __version__,
-        ScalesMeta.COMMAND: command,
-        ScalesMeta.HELDOUT_BEFORE: _fraction(before),
-        ScalesMeta.HELDOUT_AFTER: _fraction(after),
-    }
-    if rope is not None:
-        provenance[ScalesMeta.ROPE_SCALING] = rope.spec()
     return TrainResult(
         scales=scales.detach().to("cpu", torch.float32).clone(),
         layout=layout,
@@ -308,5 +366,4 @@ def train_scales(
         heldout_before=before,
         heldout_after=after,
         seconds_per_case=seconds_per_case,
-        provenance=provenance,
     )

@@ -17,101 +17,31 @@ Usage:
 from __future__ import annotations
 
 import datetime
-import json
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 import click
-import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
-
-from seal_gguf.architectures import model_layout
-from seal_gguf.scales import save_scales
 
 from benchlib import (
     BENCHMARKS,
     ProcessRun,
     alternate,
     append_section,
+    checkpoint_mib,
+    llama_config,
     machine,
+    random_scales,
     run_process,
     smollm2_folder,
     spread,
+    write_random_llama,
 )
 
 MODELS = ("smollm2", "llama-1b")
-# TinyLlama-1.1B's shape with SmolLM2's vocabulary and untied embeddings: ~1.17B parameters.
-LLAMA_1B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-    "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
-    "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1,
-    "eos_token_id": 2, "hidden_act": "silu",
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-
-
-def llama_1b_tensors(config: dict) -> dict[str, tuple[int, ...]]:
-    hidden, inter, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"]
-    head_dim = config["head_dim"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
-            p + "self_attn.v_proj.weight": (kv * head_dim, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-        }
-    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (config["vocab_size"], hidden)}
-    return shapes
-
-
-def write_llama_1b(folder: Path, tokenizer_from: Path) -> Path:
-    """A random bfloat16 checkpoint in two shards plus their index; one shard in memory at a time."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(LLAMA_1B, indent=2))
-    for name in TOKENIZER_FILES:
-        if (tokenizer_from / name).is_file():
-            (folder / name).write_bytes((tokenizer_from / name).read_bytes())
-    shapes = llama_1b_tensors(LLAMA_1B)
-    names = list(shapes)
-    halves = [names[: len(names) // 2], names[len(names) // 2:]]
-    generator = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for index, part in enumerate(halves, start=1):
-        shard = f"model-{index:05d}-of-00002.safetensors"
-        tensors = {}
-        for name in tqdm(part, desc=f"writing {shard}", unit="tensor", leave=False):
-            shape = shapes[name]
-            if len(shape) == 1:
-                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-            else:
-                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-            total += tensors[name].numel() * 2
-            weight_map[name] = shard
-        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
-        del tensors
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return folder
-
-
-def random_scales(model_dir: Path, out: Path) -> Path:
-    """SEAL-C scales exp(0.3·N(0,1)): every o_proj column changes, as in a real fold."""
-    layout = model_layout(model_dir)
-    shape = (layout.num_layers, layout.num_heads, layout.head_dim)
-    values = torch.exp(0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(0)))
-    save_scales(out, values, layout, "channel", provenance={"source": "tools/bench_convert.py (random)"})
-    return out
-
-
-def checkpoint_mib(model_dir: Path) -> float:
-    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
+LLAMA_1B_SHARD_BYTES = int(1.2 * 2**30)  # two shards of ~1.1 GiB
 
 
 def bench_one(model_dir: Path, scales: Path, outtype: str, work: Path, repeats: int) -> dict[str, list[ProcessRun]]:
@@ -182,7 +112,8 @@ def main(models: str, types: str, repeats: int, work: Path | None, output: Path)
         smol = smollm2_folder(scratch_dir)
         folders = {"smollm2": smol}
         if "llama-1b" in chosen:
-            folders["llama-1b"] = write_llama_1b(scratch_dir / "llama-1b", smol)
+            folders["llama-1b"] = write_random_llama(scratch_dir / "llama-1b", llama_config("llama-1b"), smol,
+                                                    LLAMA_1B_SHARD_BYTES)
         rows = []
         for name in chosen:
             scales = random_scales(folders[name], scratch_dir / f"{name}-scales.safetensors")

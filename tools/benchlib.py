@@ -1,9 +1,12 @@
-"""What the benchmarks in tools/ share: the machine line, the SmolLM2 folder, timed child processes,
-alternating A/B runs, medians with their spread, and appending a section to BENCHMARKS.md."""
+"""What the benchmarks in tools/ share: the machine line, the SmolLM2 folder, generated Llama-shaped
+checkpoints with random scales, timed child processes, alternating A/B runs, medians with their
+spread, and appending a section to BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import os
 import platform
 import statistics
@@ -17,8 +20,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
+from tqdm import tqdm
 
-from seal_gguf.fileio import atomic_file
+from seal_gguf.fileio import atomic_dir, atomic_file
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -52,6 +56,110 @@ def smollm2_folder(work: Path) -> Path:
     from seal_gguf.import_gguf import import_gguf
 
     return import_gguf(smollm2_gguf(), work / "smollm2", progress=False)
+
+
+# Random Llama-architecture checkpoints (bfloat16, SmolLM2's tokenizer and vocabulary, untied embeddings).
+LLAMA_COMMON = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1,
+    "eos_token_id": 2, "hidden_act": "silu",
+}
+LLAMA_SHAPES = {
+    # TinyLlama-1.1B's shape: ~1.17B parameters
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "head_dim": 64, "max_position_embeddings": 2048},
+    # Llama-2-7B's shape: ~6.9B parameters
+    "llama-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 4096},
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+BF16_BYTES = 2
+
+
+def llama_config(shape: str) -> dict:
+    return LLAMA_COMMON | LLAMA_SHAPES[shape]
+
+
+def llama_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every weight of a Llama checkpoint and its shape, in the order HF writes them."""
+    hidden, inter, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"]
+    head_dim = config["head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv * head_dim, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        }
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (config["vocab_size"], hidden)}
+    return shapes
+
+
+def split_shards(shapes: dict[str, tuple[int, ...]], max_shard_bytes: int) -> list[list[str]]:
+    """The tensor names in as few shards of about equal size as keep each near max_shard_bytes."""
+    sizes = {name: math.prod(shape) * BF16_BYTES for name, shape in shapes.items()}
+    total = sum(sizes.values())
+    count = max(1, math.ceil(total / max_shard_bytes))
+    shards: list[list[str]] = [[] for _ in range(count)]
+    start = 0
+    for name, size in sizes.items():  # a tensor goes to the shard its first byte falls in
+        shards[min(count - 1, start * count // total)].append(name)
+        start += size
+    return [names for names in shards if names]
+
+
+def write_random_llama(folder: Path, config: dict, tokenizer_from: Path, max_shard_bytes: int) -> Path:
+    """A random bfloat16 checkpoint in shards of about max_shard_bytes, plus their index; one shard
+    in memory at a time. Written atomically: an existing folder is a finished one."""
+    import torch
+    from safetensors.torch import save_file
+
+    shapes = llama_tensor_shapes(config)
+    shards = split_shards(shapes, max_shard_bytes)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    with atomic_dir(folder) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in TOKENIZER_FILES:
+            if (tokenizer_from / name).is_file():
+                (tmp / name).write_bytes((tokenizer_from / name).read_bytes())
+        for index, names in enumerate(shards, start=1):
+            shard = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in tqdm(names, desc=f"writing {shard}", unit="tensor", leave=False):
+                shape = shapes[name]
+                if len(shape) == 1:
+                    tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+                else:
+                    tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+                total += tensors[name].numel() * BF16_BYTES
+                weight_map[name] = shard
+            save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+            del tensors
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return folder
+
+
+def random_scales(model_dir: Path, out: Path) -> Path:
+    """SEAL-C scales exp(0.3·N(0,1)): every o_proj column changes, as in a real fold."""
+    import torch
+
+    from seal_gguf.architectures import model_layout
+    from seal_gguf.scales import save_scales
+
+    layout = model_layout(model_dir)
+    shape = (layout.num_layers, layout.num_heads, layout.head_dim)
+    values = torch.exp(0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    save_scales(out, values, layout, "channel", provenance={"source": "tools/benchlib.py (random)"})
+    return out
+
+
+def checkpoint_mib(model_dir: Path) -> float:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,29 @@
-"""`seal-gguf train`: learn SEAL scales on generated retrieval cases."""
+"""`seal-gguf train`: learn SEAL scales on generated retrieval cases; `seal-gguf plan`: the memory it needs."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
 
 from ..constants import GRANULARITIES, GRANULARITY_HEAD
 from ..data import TASKS, load_cases, make_cases, save_cases
-from ..fileio import check_output_path
+from ..fileio import atomic_file, check_output_path
+from ..plan import (
+    DISK,
+    Placement,
+    StepMemory,
+    available_memory,
+    estimate_step,
+    measure_step,
+    model_shape,
+    parse_max_memory,
+    place_layers,
+)
 from ..rope import rope_for_model
 from ..runners import load_tokenizer
 from ..scales import save_scales
@@ -48,13 +61,20 @@ def _accuracy(result: tuple[int, int] | None) -> str:
 @click.option("--save-cases", "save_cases_file", type=PATH, default=None, help="Also write the training cases as JSONL.")
 @click.option("--no-gradient-checkpointing", is_flag=True,
               help="Keep all activations: faster, much more memory at long lengths.")
+@click.option("--device-map", default=None, metavar="auto|FILE.json",
+              help="Spread the layers over several GPUs, CPU RAM and disk (accelerate's dispatch): auto plans "
+                   "the placement as `seal-gguf plan` does; a JSON file gives module -> device. Overrides --device.")
+@click.option("--max-memory", default=None, metavar="SPEC",
+              help="With --device-map auto: memory each device may use, e.g. 0=70GiB,1=70GiB,cpu=200GiB "
+                   "[default: what is free now, less 10%]; layers that fit nowhere go to disk.")
 @rope_options
 @force_option
 @quiet_option
 @handle_errors
 def train(model_dir: Path, output: Path, granularity: str, task: str, samples: int, length: int,
           lr: float | None, seed: int, device: str, dtype: str, eval_samples: int, cases_file: Path | None,
-          save_cases_file: Path | None, no_gradient_checkpointing: bool, rope_scaling: str | None,
+          save_cases_file: Path | None, no_gradient_checkpointing: bool, device_map: str | None,
+          max_memory: str | None, rope_scaling: str | None,
           rope_factor: float | None, rope_original_context: int | None, force: bool, quiet: bool) -> None:
     """Learn SEAL scales for an HF model on generated retrieval cases; the model stays frozen.
 
@@ -65,6 +85,8 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
       seal-gguf train smol/ -o scales.safetensors
       seal-gguf train smol/ -o scales-c.safetensors --granularity channel --length 2048 --device cuda
       seal-gguf train smol/ -o scales-yarn.safetensors --granularity channel --rope-scaling yarn --rope-factor 2
+      seal-gguf train llama-7b/ -o scales.safetensors --length 32768 --dtype bfloat16 --device cuda
+      seal-gguf train llama-70b/ -o scales.safetensors --length 16384 --dtype bfloat16 --device-map auto
     """
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
     # refuse existing outputs before the long work, not after it
@@ -81,7 +103,7 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
         model_dir, granularity=granularity, task=task, samples=samples, length=length, lr=lr, seed=seed,
         device=device, dtype=dtype, gradient_checkpointing=not no_gradient_checkpointing,
         eval_samples=eval_samples, progress=not quiet, cases=cases,
-        command=shlex.join(["seal-gguf", *sys.argv[1:]]), rope=rope,
+        command=shlex.join(["seal-gguf", *sys.argv[1:]]), rope=rope, device_map=device_map, max_memory=max_memory,
     )
     save_scales(output, result.scales, result.layout, granularity, result.provenance, force=force)
     meta = result.provenance
@@ -93,4 +115,113 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
                f"(mean of the first / last {window})")
     click.echo(f"Held-out accuracy: before {_accuracy(result.heldout_before)}, "
                f"after {_accuracy(result.heldout_after)}")
+    if result.device_map:
+        click.echo(f"Device map: {_device_counts(result.device_map)}")
     click.echo(f"Wrote {output}")
+
+
+def _device_counts(device_map: dict[str, str]) -> str:
+    """'cuda:0: 20 layers, cuda:1: 12 layers + 3 other modules'-style summary of a device map."""
+    layers = Counter(d for m, d in device_map.items() if m.rsplit(".", 1)[-1].isdigit())
+    others = Counter(d for m, d in device_map.items() if not m.rsplit(".", 1)[-1].isdigit())
+    parts = []
+    for device in dict.fromkeys(device_map.values()):
+        text = f"{device}: {layers[device]} layers" if layers[device] else f"{device}:"
+        if others[device]:
+            text += f" + {others[device]} other module{'s' * (others[device] > 1)}"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _step_lines(step: StepMemory) -> list[str]:
+    rows = [("weights", step.weights),
+            ("layer inputs kept by checkpointing" if step.checkpointing else "", step.layer_inputs),
+            ("one layer's activations (recomputed)" if step.checkpointing else "all layers' activations",
+             step.activations),
+            ("backward buffers of one layer", step.backward),
+            ("answer logits, scales, optimizer", step.extras)]
+    lines = [f"  {name:<38} {_size(value):>10}" for name, value in rows if name]
+    lines.append(f"  {'total (estimated peak)':<38} {_size(step.total):>10}")
+    return lines
+
+
+@cli.command()
+@click.argument("model_dir", type=PATH)
+@click.option("--length", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Prompt length of the training cases, in tokens.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
+              help="Dtype of the frozen model.")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=GRANULARITY_HEAD, show_default=True)
+@click.option("--no-gradient-checkpointing", is_flag=True, help="Plan for training without checkpointing.")
+@click.option("--max-memory", default=None, metavar="SPEC",
+              help="Devices and what each may use, e.g. 0=80GiB or 0=40GiB,1=40GiB,cpu=100GiB "
+                   "[default: what this machine has free, less 10%].")
+@click.option("--write-device-map", type=PATH, default=None,
+              help="Also write the planned device map as JSON (for train --device-map FILE).")
+@click.option("--measure", is_flag=True,
+              help="Then run one real training step at this length on --device and report its peak memory "
+                   "(CUDA, or a Linux CPU).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Device of the --measure step.")
+@force_option
+@handle_errors
+def plan(model_dir: Path, length: int, dtype: str, granularity: str, no_gradient_checkpointing: bool,
+         max_memory: str | None, write_device_map: Path | None, measure: bool, device: str, force: bool) -> None:
+    """Estimate the memory a training step needs, before anything loads, and say what fits where.
+
+    Reads only config.json (the model is built on PyTorch's meta device), so it works for a
+    folder holding nothing but the config of a model you have not downloaded yet.
+
+    \b
+    Examples:
+      seal-gguf plan smol/ --length 4096
+      seal-gguf plan llama-7b/ --length 32768 --dtype bfloat16 --max-memory 0=80GiB
+      seal-gguf plan llama-70b/ --length 16384 --dtype bfloat16 --max-memory 0=80GiB,1=80GiB,cpu=400GiB
+      seal-gguf plan smol/ --length 2048 --measure
+    """
+    if write_device_map is not None:
+        check_output_path(write_device_map, force)
+    shape = model_shape(model_dir)
+    checkpointing = not no_gradient_checkpointing
+    step = estimate_step(shape, length, dtype, checkpointing, granularity)
+    layout = shape.layout
+    click.echo(f"{model_dir}: {layout.model_type}, {layout.num_layers} layers x {layout.num_heads} heads, "
+               f"{shape.params / 1e9:.2f}B parameters; {dtype}, {length} tokens, gradient checkpointing "
+               f"{'on' if checkpointing else 'off'}, {granularity} scales")
+    for line in _step_lines(step):
+        click.echo(line)
+    other = estimate_step(shape, length, dtype, not checkpointing, granularity)
+    click.echo(f"  ({'without' if checkpointing else 'with'} checkpointing: {_size(other.total)}; if attention "
+               f"fell back to PyTorch's math kernel, add {_size(step.math_attention)})")
+    budgets = parse_max_memory(max_memory) if max_memory else available_memory()
+    placement = place_layers(shape, step, budgets)
+    _print_placement(placement, budgets, max_memory)
+    if write_device_map is not None:
+        with atomic_file(write_device_map, force=force) as tmp:
+            tmp.write_text(json.dumps(placement.device_map, indent=2) + "\n")
+        click.echo(f"Wrote {write_device_map}")
+    if measure:
+        measured = measure_step(model_dir, length, dtype, checkpointing, granularity, device)
+        click.echo(f"Measured one step on {measured.device}: {_size(measured.peak_bytes)} "
+                   f"(estimate / measured = {step.total / measured.peak_bytes:.2f})")
+
+
+def _print_placement(placement: Placement, budgets: dict[str, int], max_memory: str | None) -> None:
+    single = len(placement.loads) == 1
+    for load in placement.loads:
+        layers = f"layers {load.layers[0]}-{load.layers[-1]}" if load.layers else "no layers"
+        where = "" if load.device == DISK else f" of {_size(budgets[load.device])}"
+        peak = f", peak ~{_size(load.peak)}{where}" if load.peak else ""
+        click.echo(f"  {load.device:<7} {layers}, weights {_size(load.weights)}{peak}")
+    if single:
+        click.echo(f"Fits on {placement.loads[0].device}: seal-gguf train ... --device "
+                   f"{placement.loads[0].device.split(':')[0]}")
+    else:
+        offload = " (offloaded layers run on the first device, slowly)" if placement.offloaded else ""
+        spec = f" --max-memory {max_memory}" if max_memory else ""
+        click.echo(f"Spread over {len(placement.loads)} devices{offload}: "
+                   f"seal-gguf train ... --device-map auto{spec}")
