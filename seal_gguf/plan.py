@@ -88,7 +88,6 @@ def model_shape(model_dir: Path) -> ModelShape:
     where = str(model_dir / "config.json")
     layout = layout_from_config(config, where)
     spec = arch_specs()[layout.model_type]
-    text_config = config.get("text_config", config) if layout.model_type.startswith("gemma3") else config
     try:
         hf_config = AutoConfig.from_pretrained(str(model_dir))
         with torch.device("meta"):
@@ -109,10 +108,10 @@ def model_shape(model_dir: Path) -> ModelShape:
     tied = bool(getattr(hf_config.get_text_config(), "tie_word_embeddings", False))
     return ModelShape(
         layout=layout,
-        hidden=_int(text_config, spec.hidden_size, where),
-        intermediate=_int(text_config, "intermediate_size", where),
-        num_kv_heads=_int(text_config, "num_key_value_heads", where, default=layout.num_heads),
-        vocab=_int(text_config, "vocab_size", where),
+        hidden=_int(config, spec.hidden_size, where),
+        intermediate=_int(config, "intermediate_size", where),
+        num_kv_heads=_int(config, "num_key_value_heads", where, default=layout.num_heads),
+        vocab=_int(config, "vocab_size", where),
         layer_params=layer_params,
         other_params=counts,
         layers_prefix=layers_prefix,

@@ -163,6 +163,28 @@ def test_cli_plan_errors_are_one_line(llama4: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "s.safetensors").exists()
 
 
+LLAMA_2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096}
+LLAMA_3_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+               "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+               "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072}
+
+
+@pytest.mark.parametrize("config, max_memory, expected", [
+    (LLAMA_2_7B, "0=70GiB", "Fits on cuda:0: seal-gguf train ... --device cuda"),
+    (LLAMA_3_70B, "0=70GiB,1=70GiB,2=70GiB,3=70GiB,cpu=200GiB", "Spread over 4 devices: seal-gguf train ..."),
+])
+def test_readme_recipes_plan_as_documented(tmp_path: Path, config: dict, max_memory: str, expected: str) -> None:
+    """The README's big-model recipes, planned from a config.json alone (no weights exist here)."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path), "--length", "32768", "--dtype", "bfloat16",
+                                      "--max-memory", max_memory])
+    assert result.exit_code == 0, result.output
+    assert expected in result.output
+    assert "cpu " not in result.output and "disk " not in result.output  # nothing offloaded
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("length, checkpointing", [(512, True), (2048, True), (1024, False)])
 def test_estimate_is_within_30_percent_of_a_measured_step(smollm2_dir: Path, length: int, checkpointing: bool) -> None:

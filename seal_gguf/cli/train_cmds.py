@@ -155,7 +155,8 @@ def _step_lines(step: StepMemory) -> list[str]:
               help="Prompt length of the training cases, in tokens.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
               help="Dtype of the frozen model.")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default=GRANULARITY_HEAD, show_default=True)
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=GRANULARITY_HEAD, show_default=True,
+              help="Scales to learn (SEAL-C's are larger, still tiny next to the model).")
 @click.option("--no-gradient-checkpointing", is_flag=True, help="Plan for training without checkpointing.")
 @click.option("--max-memory", default=None, metavar="SPEC",
               help="Devices and what each may use, e.g. 0=80GiB or 0=40GiB,1=40GiB,cpu=100GiB "
@@ -179,8 +180,8 @@ def plan(model_dir: Path, length: int, dtype: str, granularity: str, no_gradient
     \b
     Examples:
       seal-gguf plan smol/ --length 4096
-      seal-gguf plan llama-7b/ --length 32768 --dtype bfloat16 --max-memory 0=80GiB
-      seal-gguf plan llama-70b/ --length 16384 --dtype bfloat16 --max-memory 0=80GiB,1=80GiB,cpu=400GiB
+      seal-gguf plan llama-7b/ --length 32768 --dtype bfloat16 --max-memory 0=70GiB
+      seal-gguf plan llama-70b/ --length 32768 --dtype bfloat16 --max-memory 0=70GiB,1=70GiB,2=70GiB,3=70GiB
       seal-gguf plan smol/ --length 2048 --measure
     """
     if write_device_map is not None:
@@ -213,7 +214,8 @@ def plan(model_dir: Path, length: int, dtype: str, granularity: str, no_gradient
 def _print_placement(placement: Placement, budgets: dict[str, int], max_memory: str | None) -> None:
     single = len(placement.loads) == 1
     for load in placement.loads:
-        layers = f"layers {load.layers[0]}-{load.layers[-1]}" if load.layers else "no layers"
+        first, last = (load.layers[0], load.layers[-1]) if load.layers else (None, None)
+        layers = "no layers" if first is None else f"layer {first}" if first == last else f"layers {first}-{last}"
         where = "" if load.device == DISK else f" of {_size(budgets[load.device])}"
         peak = f", peak ~{_size(load.peak)}{where}" if load.peak else ""
         click.echo(f"  {load.device:<7} {layers}, weights {_size(load.weights)}{peak}")
