@@ -1,14 +1,19 @@
-"""Figures of an evaluation: accuracy against length per model; niah depth x length heat maps."""
+"""Figures: an evaluation's accuracy against length per model and niah depth x length heat maps;
+layers x heads heat maps (head ablation effects, learned scales)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .constants import GRANULARITY_HEAD, ScalesMeta
 from .errors import InputError
 from .evaluate import EvalReport
 from .fileio import atomic_file, check_output_path
+from .scales import SealScales
 
 FORMATS = ("png", "pdf", "svg")
 
@@ -94,3 +99,71 @@ def plot_report(report: EvalReport, path: Path, force: bool = False) -> None:
             fig.savefig(tmp, format=fmt, dpi=120)
     finally:
         plt.close(fig)
+
+
+@dataclass(frozen=True)
+class HeadGrid:
+    """One layers x heads heat map: values [layers, heads], coloured by their distance from center."""
+
+    title: str
+    values: Any  # torch.Tensor or nested lists, [layers, heads]
+    center: float
+    label: str  # colour bar label
+    cmap: str = "RdBu_r"  # diverging: red above center, blue below
+
+
+def plot_head_grids(grids: Sequence[HeadGrid], path: Path, title: str, columns: int | None = None,
+                    force: bool = False) -> None:
+    """Heat maps, `columns` to a row (default: all in one row), each with layers as rows (0 at the top)
+    and heads as columns and a colour scale symmetric around its center. Written atomically (png, pdf
+    or svg, by suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fmt = plot_format(path)
+    rows = [[float(v) for v in row] for row in grids[0].values]
+    layers, heads = len(rows), len(rows[0])
+    cols = columns or len(grids)
+    nrows = math.ceil(len(grids) / cols)
+    width, height = max(4.5, 1.6 + 0.42 * heads), max(3.5, 1.6 + 0.2 * layers)
+    fig, axes = plt.subplots(nrows, cols, figsize=(width * cols, height * nrows), layout="constrained",
+                             squeeze=False)
+    try:
+        for ax in axes.flat[len(grids):]:
+            ax.set_visible(False)
+        for ax, grid in zip(axes.flat, grids, strict=False):
+            values = [[float(v) for v in row] for row in grid.values]
+            # all values at the center (e.g. no ablation flips an answer): a plain unit scale, not a degenerate one
+            spread = max(abs(v - grid.center) for row in values for v in row) or 1.0
+            image = ax.imshow(values, cmap=grid.cmap, vmin=grid.center - spread, vmax=grid.center + spread,
+                              aspect="auto", interpolation="nearest")
+            ax.set_xticks(range(heads))
+            step = max(1, math.ceil(layers / 32))
+            ax.set_yticks(range(0, layers, step))
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_title(grid.title, fontsize="medium")
+            fig.colorbar(image, ax=ax, label=grid.label, shrink=0.9)
+        fig.suptitle(title, fontsize="medium")
+        with atomic_file(Path(path), force=force) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_scales(scales: SealScales, path: Path, name: str = "", force: bool = False) -> None:
+    """The learned scales as a layers x heads heat map centred at 1.0 (red: amplified, blue: suppressed),
+    to put beside `seal-gguf heads --plot`. SEAL-C scales are averaged over each head's channels.
+    name (e.g. the scales file's name) heads the title."""
+    if scales.granularity == GRANULARITY_HEAD:
+        title = "SEAL-H scale of each head"
+    else:
+        title = f"SEAL-C scales: mean over each head's {scales.values.shape[-1]} channels"
+    grid = HeadGrid(title, scales.per_head(), center=1.0, label="scale (1.0: unchanged)")
+    meta = scales.metadata
+    trained = (f", trained on {meta[ScalesMeta.TASK]} at {meta[ScalesMeta.LENGTH]} tokens"
+               if ScalesMeta.TASK in meta and ScalesMeta.LENGTH in meta else "")
+    heading = "\n".join(line for line in (name, f"{scales.model_type}{trained}") if line)
+    plot_head_grids([grid], path, heading, force=force)

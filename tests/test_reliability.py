@@ -269,10 +269,14 @@ def model_args(cmd: str, w: World, model: Path, out: Path) -> list[object]:
                  "--json", out / "eval.json", "-q"],
         "validate": ["validate", model, w.scales, "--json", out / "validate.json", "-q"],
         "inspect": ["inspect", model],
+        "heads": ["heads", model, "-o", out / "heads.csv", "--samples", 1, "--length", 300, "--device", "cpu", "-q"],
+        "plan": ["plan", model, "--length", 300, "--max-memory", "cpu=1GiB"],
     }[cmd]
 
 
-MODEL_COMMANDS = ["fold", "fold-and-convert", "convert", "train", "eval", "validate", "inspect"]
+MODEL_COMMANDS = ["fold", "fold-and-convert", "convert", "train", "eval", "validate", "inspect", "heads", "plan"]
+# plan reads config.json only: what is wrong with the weights is not its business
+CONFIG_ONLY = {"plan": None}
 # commands that check the scales against config.json before they read the weights
 SCALES_FIRST = ("fold", "fold-and-convert", "eval", "validate")
 # breaker -> what the error says; {command: reason} where it differs; None: not an error for it.
@@ -287,16 +291,16 @@ MODEL_BREAKERS: dict[str, tuple[str, dict[str, str | None]]] = {
     "model: config.json without head counts": ("lacks a valid num_hidden_layers", {"inspect": None}),
     "model: unsupported architecture": ("model_type 'gpt2' is not supported",
                                         {"convert": "converter failed", "inspect": None}),
-    "model: truncated weights": ("truncated: tensor .* lies past the end of the file", {"inspect": None}),
-    "model: corrupt weights": ("corrupt safetensors header", {"inspect": None}),
-    "model: empty weights": ("truncated safetensors file", {"inspect": None}),
-    "model: pickled weights only": ("holds only pickled weights", {"inspect": None}),
-    "model: index lists a missing shard": ("lists shards that are missing", {"inspect": None}),
+    "model: truncated weights": ("truncated: tensor .* lies past the end of the file", {"inspect": None, **CONFIG_ONLY}),
+    "model: corrupt weights": ("corrupt safetensors header", {"inspect": None, **CONFIG_ONLY}),
+    "model: empty weights": ("truncated safetensors file", {"inspect": None, **CONFIG_ONLY}),
+    "model: pickled weights only": ("holds only pickled weights", {"inspect": None, **CONFIG_ONLY}),
+    "model: index lists a missing shard": ("lists shards that are missing", {"inspect": None, **CONFIG_ONLY}),
     "model: config.json has more layers": ("the weights lack model.layers.2.self_attn.o_proj.weight", {
-        **dict.fromkeys(SCALES_FIRST, "the model has 3 x 4 x 64"), "inspect": None}),
+        **dict.fromkeys(SCALES_FIRST, "the model has 3 x 4 x 64"), "inspect": None, **CONFIG_ONLY}),
     "model: config.json has more heads": (r"o_proj.weight has shape \[256, 256\], config.json implies \[\*, 512\]", {
-        **dict.fromkeys(SCALES_FIRST, "the model has 2 x 8 x 64"), "inspect": None}),
-    "model: already folded": ("already has SEAL scales folded in", {"convert": None, "inspect": None}),
+        **dict.fromkeys(SCALES_FIRST, "the model has 2 x 8 x 64"), "inspect": None, **CONFIG_ONLY}),
+    "model: already folded": ("already has SEAL scales folded in", {"convert": None, "inspect": None, **CONFIG_ONLY}),
 }
 # the scales file, not the model, is named where the scales do not fit the model
 NAMES_SCALES = {(breaker, c) for c in SCALES_FIRST
@@ -467,16 +471,23 @@ def output_args(cmd: str, w: World, out: Path) -> list[object]:
         "eval --plot": ["eval", w.model, "--samples", 1, "--lengths", 300, "--plot", out, "-q"],
         "validate --json": ["validate", w.model, w.scales, "--json", out, "-q"],
         "demo": ["demo", "--quick", "--train", "-o", out, "-q"],
+        "heads": ["heads", w.model, "-o", out, "--samples", 1, "--length", 300, "-q"],
+        "heads --plot": ["heads", w.model, "-o", out.parent / "other.csv", "--plot", out, "--samples", 1,
+                         "--length", 300, "-q"],
+        "inspect --plot": ["inspect", w.scales, "--plot", out],
+        "plan --write-device-map": ["plan", w.model, "--write-device-map", out],
     }[cmd]
 
 
 FOLDER_OUTPUTS = {"fold", "import-gguf", "demo"}
 OUTPUT_COMMANDS = ["fold", "import-gguf", "convert", "fold-and-convert", "quantize", "train", "train --save-cases",
-                   "eval --json", "eval --plot", "validate --json", "demo"]
+                   "eval --json", "eval --plot", "validate --json", "demo", "heads", "heads --plot", "inspect --plot",
+                   "plan --write-device-map"]
+PLOT_OUTPUTS = {"eval --plot", "heads --plot", "inspect --plot"}
 
 
 def out_name(cmd: str) -> str:
-    return "out" if cmd in FOLDER_OUTPUTS else "out.png" if cmd == "eval --plot" else "out.file"
+    return "out" if cmd in FOLDER_OUTPUTS else "out.png" if cmd in PLOT_OUTPUTS else "out.file"
 
 
 @pytest.mark.parametrize("cmd", OUTPUT_COMMANDS)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import signal
 
 # Each module registers its commands on `cli` when imported.
-from . import convert_cmds, demo_cmds, eval_cmds, gguf_cmds, model_cmds, ship_cmds, train_cmds, validate_cmds  # noqa: F401
+from . import (  # noqa: F401
+    convert_cmds,
+    demo_cmds,
+    eval_cmds,
+    gguf_cmds,
+    heads_cmds,
+    model_cmds,
+    ship_cmds,
+    train_cmds,
+    validate_cmds,
+)
 from .app import cli
 
 

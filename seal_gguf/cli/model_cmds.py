@@ -7,26 +7,40 @@ from pathlib import Path
 
 import click
 
+from ..errors import InputError
 from ..fold import fold_checkpoint
 from ..import_gguf import DTYPES, import_gguf
 from ..inspection import inspect_path
+from ..plots import check_plot_path, plot_scales
+from ..scales import read_scales
 from .app import PATH, cli, force_option, handle_errors, quiet_option
 
 
 @cli.command()
 @click.argument("path", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--plot", "plot_out", type=PATH, default=None,
+              help="Scales files: draw them as a layers x heads heat map (.png, .pdf or .svg).")
+@click.option("--force", is_flag=True, help="Replace an existing plot.")
 @handle_errors
-def inspect(path: Path, as_json: bool) -> None:
+def inspect(path: Path, as_json: bool, plot_out: Path | None, force: bool) -> None:
     """Describe a scales file, or show the SEAL provenance of a GGUF or model folder.
 
     \b
     Examples:
       seal-gguf inspect scales.safetensors
+      seal-gguf inspect scales.safetensors --plot scales.png   # beside `seal-gguf heads --plot`
       seal-gguf inspect smol-seal-q8_0.gguf
       seal-gguf inspect smol-folded/
     """
+    if plot_out is not None:
+        check_plot_path(plot_out, force)
     report = inspect_path(path)
+    if plot_out is not None:
+        if report["kind"] != "scales":
+            what = "a GGUF file" if report["kind"] == "gguf" else "a model folder"
+            raise InputError(f"{path}: --plot draws scales files only, and this is {what}")
+        plot_scales(read_scales(path), plot_out, name=path.name, force=force)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
@@ -43,6 +57,8 @@ def inspect(path: Path, as_json: bool) -> None:
                       if k not in ("format", "granularity", "model_type", "num_layers", "num_heads", "head_dim")}
         for key, value in provenance.items():
             click.echo(f"  {key}: {value}")
+        if plot_out is not None:
+            click.echo(f"Wrote {plot_out}")
     elif report["kind"] == "gguf":
         meta = report["metadata"]
         seal = {k: v for k, v in meta.items() if k.startswith("seal.")}
