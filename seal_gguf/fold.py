@@ -47,12 +47,13 @@ def fold_weight(weight: torch.Tensor, column_scales: torch.Tensor) -> torch.Tens
     return (weight.float() * column_scales.float()[None, :]).to(weight.dtype)
 
 
-def check_not_folded(config: dict[str, Any], where: str, force: bool) -> None:
+def check_not_folded(config: dict[str, Any], where: str, force: bool,
+                     remedy: str = "fold into the original model, or use --force") -> None:
     if CONFIG_FOLD_KEY in config and not force:
         record = config[CONFIG_FOLD_KEY]
         raise AlreadyFoldedError(
             f"{where} already has SEAL scales folded in ({record.get('granularity')}, scales sha256 "
-            f"{str(record.get('scales_sha256'))[:12]}...); fold into the original model, or use --force"
+            f"{str(record.get('scales_sha256'))[:12]}...); {remedy}"
         )
 
 

@@ -140,7 +140,7 @@ class HFRunner:
         layout = model_layout(self.path) if scales else None
         values = None
         if scales and layout is not None:
-            check_not_folded(config, str(self.path), force=False)
+            check_not_folded(config, str(self.path), force=False, remedy="apply --scales to the original, unfolded model")
             locate_o_proj(headers, layout)  # weights that do not fit config.json
             values = load_scales(Path(scales), layout).values.to(self.device)
         extended = {} if rope is None else {"config": transformers_config(config, rope, str(self.path / "config.json"))}

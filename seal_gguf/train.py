@@ -118,7 +118,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: str, progress: bool
     config = read_config(model_dir)
     layout = layout_from_config(config, model_dir / "config.json")
     # scales learned on top of folded ones would describe neither model
-    check_not_folded(config, str(model_dir), force=False)
+    check_not_folded(config, str(model_dir), force=False, remedy="use the original, unfolded model")
     # pickled-only, truncated or corrupt weights, or weights that do not fit config.json: refused
     # before transformers loads them
     locate_o_proj(read_headers(model_dir), layout)

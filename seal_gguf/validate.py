@@ -593,7 +593,7 @@ def validate(
         raise InputError("--task needs --length and --samples")
     config = read_config(model_dir)
     layout = layout_from_config(config, model_dir / "config.json")
-    check_not_folded(config, str(model_dir), force=False)
+    check_not_folded(config, str(model_dir), force=False, remedy="validate against the original, unfolded model")
     scales = load_scales(scales_path, layout)
     if rope is not None:  # a model that cannot take the extension fails now, not after the reference
         rope = rope.resolved(config, str(model_dir / "config.json"))

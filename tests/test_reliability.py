@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from interrupts import default_sigint
 from safetensors.torch import save_file
 
 from seal_gguf.architectures import model_layout
@@ -702,7 +703,7 @@ def test_ctrl_c_in_the_middle_of_a_write(world: World, tmp_path: Path, cmd: str)
     inputs = world.stats()
     # the whole process group gets SIGINT, as from a terminal's Ctrl-C; it is frozen (SIGSTOP) the
     # moment its partial output has data, so that the interrupt lands in the middle of the write
-    proc = run_cli(INTERRUPTIBLE[cmd](world, out), start_new_session=True)
+    proc = run_cli(INTERRUPTIBLE[cmd](world, out), start_new_session=True, preexec_fn=default_sigint)
     written = 0
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:

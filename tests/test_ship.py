@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from interrupts import default_sigint
 from test_chat import one_line_error
 
 from seal_gguf.cli import cli
@@ -422,7 +423,8 @@ def test_serve_answers_a_chat_completion_and_stops(smollm2_gguf: Path) -> None:
     port = free_port()
     command = [sys.executable, "-c", "from seal_gguf.cli import main; main()", "serve", str(smollm2_gguf),
                "--port", str(port), "--n-ctx", "512", "--threads", "2"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -165,13 +165,15 @@ def checkpoint_mib(model_dir: Path) -> float:
 @dataclass(frozen=True)
 class ProcessRun:
     seconds: float
-    peak_rss_mib: float  # the largest resident set of the process and every child it waited for
+    peak_rss_mib: float  # the largest resident set of any ONE process of the command (not their sum)
     stdout: str
 
 
 # A fork child starts with its parent's resident-set high-water mark and exec does not reset it, so a
 # big benchmark process would see its own size in every child's ru_maxrss. This small launcher forks
-# the command instead and reports the command's own peak (its waited-for descendants included).
+# the command instead and reports the command's own peak. wait4's ru_maxrss is the largest of the
+# process and its waited-for descendants, each on its own, not their sum: tools/bench_memory.py
+# samples the summed resident sets where that matters (seal-gguf and the converter run together).
 _LAUNCHER = """
 import os, sys
 report, cmd = sys.argv[1], sys.argv[2:]
@@ -186,8 +188,8 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def run_process(cmd: Sequence[str]) -> ProcessRun:
-    """Run a command to completion: its wall time, peak RSS (Linux: KiB from wait4, converter
-    subprocesses included) and standard output."""
+    """Run a command to completion: its wall time, peak RSS (Linux: KiB from wait4, the largest
+    single process, converter subprocesses included) and standard output."""
     with tempfile.TemporaryDirectory() as work:
         report, out_path, err_path = Path(work, "maxrss"), Path(work, "stdout"), Path(work, "stderr")
         with out_path.open("wb") as out, err_path.open("wb") as err:
