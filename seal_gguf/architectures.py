@@ -42,6 +42,14 @@ class ModelLayout:
     def o_proj_module(self, layer: int) -> str:
         return self.o_proj_template.format(layer=layer)
 
+    @property
+    def layers_prefix(self) -> str:
+        """Module path of the decoder-layer list, e.g. "model.layers" (layer i is "model.layers.i")."""
+        return self.o_proj_template.split(".{layer}")[0]
+
+    def layer_module(self, layer: int) -> str:
+        return f"{self.layers_prefix}.{layer}"
+
     def o_proj_weight(self, layer: int) -> str:
         return self.o_proj_module(layer) + ".weight"
 

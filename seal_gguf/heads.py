@@ -126,8 +126,7 @@ class _LayerOutput(Exception):
 
 def decoder_layers(model: nn.Module, layout: ModelLayout) -> list[nn.Module]:
     """The decoder layer that holds each o_proj: the module path up to the layer index."""
-    prefix = layout.o_proj_template.split("{layer}")[0]
-    names = [f"{prefix}{layer}" for layer in range(layout.num_layers)]
+    names = [layout.layer_module(layer) for layer in range(layout.num_layers)]
     try:
         return [model.get_submodule(name) for name in names]
     except AttributeError:

@@ -62,7 +62,6 @@ class ModelShape:
     vocab: int
     layer_params: tuple[int, ...]  # parameters of each decoder layer
     other_params: dict[str, int]  # the modules outside the decoder layers (embeddings, norm, lm_head, ...)
-    layers_prefix: str  # module path of the decoder-layer list, e.g. "model.layers"
     tied_embeddings: bool
 
     @property
@@ -94,7 +93,7 @@ def model_shape(model_dir: Path) -> ModelShape:
             model = AutoModelForCausalLM.from_config(hf_config)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{where}: transformers cannot build this model ({str(exc).splitlines()[0]})") from None
-    layers_prefix = layout.o_proj_module(0).split(".0.")[0]
+    layers_prefix = layout.layers_prefix
     counts: dict[str, int] = {}
     seen: set[int] = set()
     # every module that holds a weight needs a device, tied ones too; their weights count once
@@ -104,7 +103,7 @@ def model_shape(model_dir: Path) -> ModelShape:
         seen.add(id(param))
     for name, _ in model.named_buffers():
         counts.setdefault(_placement_unit(name, layers_prefix), 0)
-    layer_params = tuple(counts.pop(f"{layers_prefix}.{i}", 0) for i in range(layout.num_layers))
+    layer_params = tuple(counts.pop(layout.layer_module(i), 0) for i in range(layout.num_layers))
     tied = bool(getattr(hf_config.get_text_config(), "tie_word_embeddings", False))
     return ModelShape(
         layout=layout,
@@ -114,7 +113,6 @@ def model_shape(model_dir: Path) -> ModelShape:
         vocab=_int(config, "vocab_size", where),
         layer_params=layer_params,
         other_params=counts,
-        layers_prefix=layers_prefix,
         tied_embeddings=tied,
     )
 
@@ -351,7 +349,7 @@ def _fill(shape: ModelShape, step: StepMemory, budgets: dict[str, int], reserve:
 
     put(lead_names, sum(others[n] for n in lead_names), 0)
     for layer in range(layers):
-        put([f"{shape.layers_prefix}.{layer}"], shape.layer_params[layer] * b, per_layer_kept, layer)
+        put([shape.layout.layer_module(layer)], shape.layer_params[layer] * b, per_layer_kept, layer)
     put(head_names, sum(others[n] for n in head_names), 0)
     # the offloaded layers' kept activations, and one offloaded module's weights at a time
     demand = sum(is_layer for _, is_layer in offloaded) * per_layer_kept + max((w for w, _ in offloaded), default=0)

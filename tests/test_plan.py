@@ -35,7 +35,7 @@ def test_shape_counts_the_real_parameters(llama4: Path) -> None:
     shape = model_shape(llama4)
     model, _ = load_model(llama4, torch.device("cpu"), "float32", progress=False)
     assert shape.params == sum(p.numel() for p in model.parameters())
-    assert shape.layers_prefix == "model.layers" and len(shape.layer_params) == 4
+    assert shape.layout.layers_prefix == "model.layers" and len(shape.layer_params) == 4
     assert not shape.tied_embeddings and "lm_head" in shape.other_params
 
 

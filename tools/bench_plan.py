@@ -26,14 +26,13 @@ from tqdm import tqdm
 
 from seal_gguf.plan import estimate_step, measure_step, model_shape
 
-from benchlib import BENCHMARKS, append_section, machine, smollm2_folder
+from benchlib import BENCHMARKS, append_section, machine, model_option, smollm2_folder
 
 MiB = 2**20
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
-@click.option("--model", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="SmolLM2 HF folder [default: import the packaged GGUF].")
+@model_option
 @click.option("--lengths", default="512,1024,2048,4096", show_default=True, help="Comma-separated prompt lengths.")
 @click.option("--dtypes", default="float32,bfloat16", show_default=True, help="Comma-separated model dtypes.")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=BENCHMARKS, show_default=True)

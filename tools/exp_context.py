@@ -41,7 +41,7 @@ from seal_gguf.rope import KINDS, RopeScaling
 from seal_gguf.scales import save_scales
 from seal_gguf.train import train_scales
 
-from benchlib import append_section, machine, smollm2_folder
+from benchlib import append_section, machine, model_option, smollm2_folder
 
 DEFAULT_OUTPUT = Path(tempfile.gettempdir()) / "seal-gguf-exp-context.md"
 TASK = "lines"
@@ -116,8 +116,7 @@ def markdown(report: EvalReport, labels: dict[str, str], args: dict, command: st
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
-@click.option("--model", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="HF model folder [default: import the bundled SmolLM2-135M-Instruct].")
+@model_option
 @click.option("--lengths", default="12288,16000", show_default=True, help="Comma-separated prompt lengths (tokens).")
 @click.option("--samples", type=click.IntRange(min=1), default=10, show_default=True, help="Cases per length.")
 @click.option("--kinds", default="yarn,ntk", show_default=True, help=f"Extensions, comma-separated: {', '.join(KINDS)}.")
