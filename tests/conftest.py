@@ -21,7 +21,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's tokenizer (with chat template) saved as HF files."""
-    from seal_gguf.import_gguf import gguf_tokenizer
+    from seal_gguf.model.loading import gguf_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     gguf_tokenizer(smollm2_gguf).save_pretrained(out)
@@ -47,6 +47,6 @@ def tiny_model(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct imported as an HF checkpoint (float32)."""
-    from seal_gguf.import_gguf import import_gguf
+    from seal_gguf.convert.from_gguf import import_gguf
 
     return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from seal_gguf.chat import ChatSession, ContextFull
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
+from seal_gguf.ship.chat import ChatSession, ContextFull
 
 
 def invoke(*args: object, input: str | None = None):

@@ -18,16 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_fold import random_scales
 
-import seal_gguf.convert as convert_module
+import seal_gguf.convert.to_gguf as convert_module
 from seal_gguf import __version__
-from seal_gguf.architectures import ModelLayout, model_layout
-from seal_gguf.checkpoint import read_header, weight_files
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
 from seal_gguf.constants import GGUF_RECIPE_KEYS, GGUF_SEAL_PREFIX, SCALES_TENSOR, GGUFKeys, ScalesMeta
-from seal_gguf.convert import convert, lossless_outtype, provision_converter
+from seal_gguf.convert.quantize import quantize, read_imatrix
+from seal_gguf.convert.to_gguf import convert_to_gguf, lossless_outtype, provision_converter
 from seal_gguf.errors import EngineError, InputError
-from seal_gguf.fold import fold_checkpoint
-from seal_gguf.quantize import quantize, read_imatrix
+from seal_gguf.fold.hf import fold_checkpoint
+from seal_gguf.model.architectures import ModelLayout, model_layout
+from seal_gguf.model.checkpoint import read_header, weight_files
 from seal_gguf.scales import read_scales, save_scales, scales_metadata
 
 
@@ -70,11 +70,11 @@ def ggufs(llama: Path, scales: dict[str, Path], folded: dict[str, Path], convert
         if key not in made:
             out = folder / f"{route}-{outtype}-{granularity}.gguf"
             if route == "patch":
-                convert(llama, out, outtype, scales[granularity], llama_cpp=converter, progress=False)
+                convert_to_gguf(llama, out, outtype, scales[granularity], llama_cpp=converter, progress=False)
             elif route == "fold":
-                convert(folded[granularity], out, outtype, progress=False)
+                convert_to_gguf(folded[granularity], out, outtype, progress=False)
             else:
-                convert(llama, out, outtype, progress=False)
+                convert_to_gguf(llama, out, outtype, progress=False)
             made[key] = out
         return made[key]
 
@@ -174,7 +174,7 @@ def test_gguf_records_the_training_recipe(llama: Path, converter: Path, tmp_path
     recipe = {key: f"value of {key}" for key in GGUF_RECIPE_KEYS} | {ScalesMeta.LENGTH: "320"}
     path = tmp_path / "trained.safetensors"
     save_scales(path, torch.full((layout.num_layers, layout.num_heads), 1.25), layout, "head", provenance=recipe)
-    out = convert(llama, tmp_path / "trained.gguf", "f32", path, llama_cpp=converter, progress=False)
+    out = convert_to_gguf(llama, tmp_path / "trained.gguf", "f32", path, llama_cpp=converter, progress=False)
     meta = seal_fields(out)
     assert {key: meta.get(GGUF_SEAL_PREFIX + key) for key in GGUF_RECIPE_KEYS} == recipe
     # the converter-side module is standalone: its copy of the key list must stay the same as ours
@@ -248,7 +248,7 @@ def test_other_architectures(tiny_model, converter: Path, tmp_path: Path, arch: 
     model_dir = tiny_model(arch, **extra)
     layout = model_layout(model_dir)
     random_scales(tmp_path / "s.safetensors", model_dir, "channel")
-    out = convert(model_dir, tmp_path / "out.gguf", "f32", tmp_path / "s.safetensors", progress=False)
+    out = convert_to_gguf(model_dir, tmp_path / "out.gguf", "f32", tmp_path / "s.safetensors", progress=False)
     values = read_scales(tmp_path / "s.safetensors")
     got = tensors(out)
     with safe_open(str(weight_files(model_dir)[0]), "pt") as f:
@@ -382,7 +382,7 @@ def test_interrupt_removes_intermediate(llama: Path, scales: dict[str, Path], co
 
     monkeypatch.setattr(convert_module, "run_quantizer", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        convert(llama, tmp_path / "o.gguf", "q4_0", scales["head"], progress=False)
+        convert_to_gguf(llama, tmp_path / "o.gguf", "q4_0", scales["head"], progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from seal_gguf.cli import cli
-from seal_gguf.demo import BUNDLED, bundled_scales
-from seal_gguf.inspection import inspect_path
+from seal_gguf.bundled import BUNDLED, bundled_scales
+from seal_gguf.cli.app import cli
+from seal_gguf.ship.inspect import inspect_path
 
 pytestmark = pytest.mark.slow
 

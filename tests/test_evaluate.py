@@ -12,22 +12,23 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from seal_gguf.architectures import model_layout
-from seal_gguf.cli import cli
-from seal_gguf.convert import convert
-from seal_gguf.data import make_cases
+from seal_gguf.cli.app import cli
+from seal_gguf.convert.to_gguf import convert_to_gguf
 from seal_gguf.errors import AlreadyFoldedError, InputError
-from seal_gguf.evaluate import (
+from seal_gguf.fold.hf import fold_checkpoint
+from seal_gguf.learn.data import make_cases
+from seal_gguf.measure.evaluate import (
     CaseResult,
     EvalReport,
     ModelInfo,
     mcnemar_exact,
     render_table,
-    summarize,
+    summarize_report,
     wilson_interval,
 )
-from seal_gguf.fold import fold_checkpoint
-from seal_gguf.runners import load_tokenizer, open_runner
+from seal_gguf.measure.runners import open_runner
+from seal_gguf.model.architectures import model_layout
+from seal_gguf.model.loading import load_tokenizer
 from seal_gguf.scales import expected_shape, save_scales
 
 CASE_FIELDS = {"model", "length", "depth", "index", "expected", "given", "correct", "prompt_tokens", "seconds"}
@@ -110,7 +111,7 @@ def test_summarize_counts_pairs_case_by_case() -> None:
     for name, marks in (("A", a), ("B", b)):
         report.cases += [CaseResult(name, 100, None, i, "1", "1" if ok else "2", ok, 100, 0.1)
                          for i, ok in enumerate(marks)]
-    summarize(report)
+    summarize_report(report)
     cell = report.cell("B", 100)
     assert (cell.correct, cell.total, cell.accuracy) == (5, 6, pytest.approx(5 / 6))
     assert (cell.ci_low, cell.ci_high) == pytest.approx(wilson_interval(5, 6))
@@ -215,7 +216,7 @@ def test_eval_folded_tiny_gguf_answers_like_hooked_reference(tiny_model, tmp_pat
     g = torch.Generator().manual_seed(3)
     scales = tmp_path / "s.safetensors"
     save_scales(scales, torch.exp(torch.randn(expected_shape(layout, "head"), generator=g)), layout, "head")
-    gguf = convert(model_dir, tmp_path / "tiny-seal.gguf", "f32", scales, progress=False)
+    gguf = convert_to_gguf(model_dir, tmp_path / "tiny-seal.gguf", "f32", scales, progress=False)
     out = tmp_path / "eval.json"
     result = invoke("eval", model_dir, gguf, "--scales", scales, "--task", "passkey", "--lengths", "128,200",
                     "--samples", 3, "--max-tokens", 8, "--threads", 1, "--json", out, "-q")

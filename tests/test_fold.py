@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from seal_gguf.architectures import model_layout
-from seal_gguf.checkpoint import read_header, weight_files
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
 from seal_gguf.constants import GRANULARITIES
-from seal_gguf.hooks import attach_scales
+from seal_gguf.model.architectures import model_layout
+from seal_gguf.model.checkpoint import read_header, weight_files
+from seal_gguf.model.hooks import attach_scales
 from seal_gguf.scales import expected_shape, save_scales
 
 ARCHS = ["llama", "qwen2", "mistral", "qwen3", "gemma3_text", "phi3"]

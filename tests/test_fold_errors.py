@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from seal_gguf.architectures import model_layout
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
+from seal_gguf.model.architectures import model_layout
 from seal_gguf.scales import expected_shape, save_scales
 
 
@@ -116,7 +116,7 @@ def test_read_only_output_folder(model: Path, scales: Path, tmp_path: Path) -> N
 
 
 def test_interrupt_leaves_nothing(model: Path, scales: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import seal_gguf.fold as fold_module
+    import seal_gguf.fold.hf as fold_module
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt

@@ -16,14 +16,15 @@ from gguf.quants import dequantize
 from safetensors import safe_open
 from test_fold import random_scales
 
-import seal_gguf.fold_gguf as fold_gguf_module
-from seal_gguf.architectures import ModelLayout, model_layout
-from seal_gguf.checkpoint import weight_files
-from seal_gguf.cli import cli
+import seal_gguf.fold.gguf as fold_gguf_module
+from seal_gguf.cli.app import cli
 from seal_gguf.constants import GGUFKeys
-from seal_gguf.convert import convert
-from seal_gguf.fold_gguf import fold_gguf, read_gguf_header
-from seal_gguf.quantize import quantize
+from seal_gguf.convert.quantize import quantize
+from seal_gguf.convert.to_gguf import convert_to_gguf
+from seal_gguf.fold.gguf import fold_gguf
+from seal_gguf.gguffile.header import read_gguf_header
+from seal_gguf.model.architectures import ModelLayout, model_layout
+from seal_gguf.model.checkpoint import weight_files
 from seal_gguf.scales import read_scales, save_scales
 
 BUNDLED = Path(__file__).resolve().parent.parent / "seal_gguf" / "bundled"
@@ -58,7 +59,7 @@ def ggufs(models: dict[str, Path], scales: dict[str, Path], tmp_path_factory: py
                 quantize(make("f32", granularity), out, outtype, progress=False)
             else:
                 model = models["f16" if outtype == "f16" else "f32"]
-                convert(model, out, outtype, scales[granularity] if granularity else None, progress=False)
+                convert_to_gguf(model, out, outtype, scales[granularity] if granularity else None, progress=False)
             made[outtype, granularity] = out
         return made[outtype, granularity]
 
@@ -134,7 +135,7 @@ def llama_scores(path: Path) -> np.ndarray:
         model.close()
 
 
-# fold-gguf(convert(model)) == fold-and-convert(model): exactly where the type holds the folded weights exactly
+# fold-gguf(convert_to_gguf(model)) == fold-and-convert_to_gguf(model): exactly where the type holds the folded weights exactly
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_equals_fold_and_convert(ggufs, scales: dict[str, Path], tmp_path: Path, outtype: str) -> None:

@@ -12,11 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
 from seal_gguf.constants import CONFIG_FOLD_KEY
-from seal_gguf.data import encode_case, make_cases
 from seal_gguf.errors import InputError
-from seal_gguf.heads import (
+from seal_gguf.learn.data import encode_case, make_cases
+from seal_gguf.learn.train import answer_loss, greedy_continuation
+from seal_gguf.measure.heads import (
     CSV_COLUMNS,
     _row_factors,
     decoder_layers,
@@ -25,10 +26,9 @@ from seal_gguf.heads import (
     single_head_rows,
     sweep_heads,
 )
-from seal_gguf.hooks import attach_scales, o_proj_modules
-from seal_gguf.runners import load_tokenizer
+from seal_gguf.model.hooks import attach_scales, o_proj_modules
+from seal_gguf.model.loading import load_model, load_tokenizer
 from seal_gguf.scales import identity_scales, save_scales
-from seal_gguf.train import answer_loss, greedy_continuation, load_model
 
 CPU = torch.device("cpu")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -194,7 +194,7 @@ def test_heads_cli_errors(llama: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("granularity", ["head", "channel"])
 def test_inspect_plot_draws_scales(llama: Path, tmp_path: Path, granularity: str) -> None:
-    from seal_gguf.architectures import model_layout
+    from seal_gguf.model.architectures import model_layout
 
     layout = model_layout(llama)
     scales = tmp_path / "scales.safetensors"

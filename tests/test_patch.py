@@ -12,8 +12,7 @@ import pytest
 import torch
 from test_convert import converter  # noqa: F401  (the provisioned, patched converter)
 
-from seal_gguf.architectures import ModelLayout, model_layout
-from seal_gguf.convert import (
+from seal_gguf.convert.to_gguf import (
     CONVERTER_SCRIPT,
     SEAL_MODULE,
     apply_patch,
@@ -23,6 +22,7 @@ from seal_gguf.convert import (
     pinned_llama_cpp_version,
 )
 from seal_gguf.errors import EngineError
+from seal_gguf.model.architectures import ModelLayout, model_layout
 from seal_gguf.scales import save_scales
 
 

@@ -10,18 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
 from seal_gguf.errors import InputError
-from seal_gguf.plan import (
-    DISK,
-    estimate_step,
-    measure_step,
-    model_shape,
-    parse_max_memory,
-    parse_size,
-    place_layers,
-)
-from seal_gguf.train import load_model, train_scales
+from seal_gguf.learn.measure_step import measure_step
+from seal_gguf.learn.plan import DISK, estimate_step, model_shape, parse_max_memory, parse_size, place_layers
+from seal_gguf.learn.train import train_scales
+from seal_gguf.model.loading import load_model
 
 MiB = 2**20
 

@@ -28,8 +28,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from seal_gguf.architectures import ModelLayout
-from seal_gguf.checkpoint import INDEX_NAME, read_header, weight_files
 from seal_gguf.constants import (
     CONFIG_FOLD_KEY,
     GRANULARITIES,
@@ -38,9 +36,11 @@ from seal_gguf.constants import (
     SCALES_TENSOR,
 )
 from seal_gguf.errors import InputError, ScalesError
-from seal_gguf.fold import fold_checkpoint, fold_weight
-from seal_gguf.hooks import attach_scales
-from seal_gguf.inspection import gguf_seal_metadata
+from seal_gguf.fold.hf import fold_checkpoint, fold_weight
+from seal_gguf.gguffile.metadata import gguf_seal_metadata
+from seal_gguf.model.architectures import ModelLayout
+from seal_gguf.model.checkpoint import INDEX_NAME, read_header, weight_files
+from seal_gguf.model.hooks import attach_scales
 from seal_gguf.scales import read_scales, save_scales
 
 

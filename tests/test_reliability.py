@@ -34,11 +34,11 @@ from click.testing import CliRunner
 from interrupts import default_sigint
 from safetensors.torch import save_file
 
-from seal_gguf.architectures import model_layout
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
 from seal_gguf.constants import SCALES_FORMAT, SCALES_TENSOR
-from seal_gguf.convert import convert
-from seal_gguf.import_gguf import import_gguf
+from seal_gguf.convert.from_gguf import import_gguf
+from seal_gguf.convert.to_gguf import convert_to_gguf
+from seal_gguf.model.architectures import model_layout
 from seal_gguf.scales import expected_shape, save_scales
 
 SEAL_GGUF = str(Path(sys.executable).with_name("seal-gguf"))
@@ -221,8 +221,8 @@ def world(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worl
     layout = model_layout(model)
     values = torch.exp(0.3 * torch.randn(expected_shape(layout, "head"), generator=torch.Generator().manual_seed(3)))
     save_scales(root / "scales.safetensors", values, layout, "head")
-    gguf = convert(model, root / "seal-f32.gguf", "f32", root / "scales.safetensors", progress=False)
-    other = convert(tiny_model("gemma3_text"), root / "gemma3-q8_0.gguf", "q8_0", progress=False)
+    gguf = convert_to_gguf(model, root / "seal-f32.gguf", "f32", root / "scales.safetensors", progress=False)
+    other = convert_to_gguf(tiny_model("gemma3_text"), root / "gemma3-q8_0.gguf", "q8_0", progress=False)
     w = World(root, model, root / "scales.safetensors", gguf, other)
     build_bad_inputs(w)
     before = {p: sha256(p) for p in w.input_files()}

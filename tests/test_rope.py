@@ -13,12 +13,14 @@ import torch
 from click.testing import CliRunner
 from gguf import GGUFReader
 
-from seal_gguf.architectures import read_config
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
 from seal_gguf.constants import ScalesMeta
-from seal_gguf.convert import convert, provision_converter
+from seal_gguf.convert.to_gguf import convert_to_gguf, provision_converter
 from seal_gguf.errors import EngineError, InputError
-from seal_gguf.rope import (
+from seal_gguf.gguffile.llama import open_llama
+from seal_gguf.measure.runners import HFRunner
+from seal_gguf.model.architectures import read_config
+from seal_gguf.model.rope import (
     RopeScaling,
     check_gguf_extension,
     extend_config,
@@ -26,9 +28,7 @@ from seal_gguf.rope import (
     parse_rope_scaling,
     rope_from_options,
 )
-from seal_gguf.runners import HFRunner
 from seal_gguf.scales import read_scales
-from seal_gguf.validate import open_llama
 
 NATIVE = 64  # the tiny model's own context
 FACTOR = 4
@@ -138,7 +138,7 @@ def extended_ggufs(native: Path, converter: Path, tmp_path_factory: pytest.TempP
 
     def make(kind: str) -> Path:
         if kind not in made:
-            made[kind] = convert(native, folder / f"{kind}.gguf", "f32", rope=RopeScaling(kind, FACTOR),
+            made[kind] = convert_to_gguf(native, folder / f"{kind}.gguf", "f32", rope=RopeScaling(kind, FACTOR),
                                  llama_cpp=converter, progress=False)
         return made[kind]
 
@@ -168,7 +168,7 @@ def test_gguf_keys(extended_ggufs, kind: str) -> None:
 
 
 def test_the_written_keys_are_checked(extended_ggufs, native: Path) -> None:
-    """The check convert() runs on the converter's output refuses a GGUF without the extension."""
+    """The check convert_to_gguf() runs on the converter's output refuses a GGUF without the extension."""
     config = read_config(native)
     check_gguf_extension(extended_ggufs("yarn"), config, RopeScaling("yarn", FACTOR))
     with pytest.raises(EngineError, match="rope.scaling.type = linear"):

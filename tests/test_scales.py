@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from seal_gguf.architectures import ModelLayout, layout_from_config, supported_model_types
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
 from seal_gguf.errors import ArchitectureError, InputError, OutputExistsError, ScalesError
+from seal_gguf.model.architectures import ModelLayout, layout_from_config, supported_model_types
 from seal_gguf.scales import check_against, load_scales, read_scales, save_scales, scales_metadata
 
 LAYOUT = ModelLayout("llama", num_layers=3, num_heads=4, head_dim=8, o_proj_template="model.layers.{layer}.self_attn.o_proj")

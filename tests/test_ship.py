@@ -24,16 +24,10 @@ from click.testing import CliRunner
 from interrupts import default_sigint
 from test_chat import one_line_error
 
-from seal_gguf.cli import cli
-from seal_gguf.model_card import GGUFFacts, read_gguf_facts
-from seal_gguf.ollama import (
-    FAMILIES,
-    GoTemplateError,
-    Unsupported,
-    own_template,
-    render_go_template,
-    translate,
-)
+from seal_gguf.cli.app import cli
+from seal_gguf.gguffile.metadata import GGUFFacts, read_gguf_facts
+from seal_gguf.ship.gotemplate import GoTemplateError, Unsupported, render_go_template
+from seal_gguf.ship.ollama import FAMILIES, own_template, translate
 
 # -- helpers --
 
@@ -117,7 +111,7 @@ def jinja_prompt(template: str, messages: list[dict[str, str]], bos: str, eos: s
 
 def ollama_render(modelfile: list[tuple[str, str]], messages: list[dict[str, str]]) -> str:
     """What Ollama sends to the model for a chat: the Modelfile's SYSTEM first when none opens it."""
-    from seal_gguf.ollama import ollama_prompt
+    from seal_gguf.ship.ollama import ollama_prompt
 
     fields = dict(modelfile)
     return ollama_prompt(fields["template"], messages, fields.get("system"))
@@ -165,7 +159,7 @@ GO_CASES = [
 
 @pytest.mark.parametrize("template, messages, expected", GO_CASES)
 def test_renderer_matches_go_text_template(template: str, messages: list, expected: str) -> None:
-    from seal_gguf.ollama import ollama_prompt
+    from seal_gguf.ship.ollama import ollama_prompt
 
     assert ollama_prompt(template, [{"role": r, "content": c} for r, c in messages], None) == expected
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from seal_gguf.architectures import model_layout
-from seal_gguf.cli import cli
-from seal_gguf.hooks import attach_scales
+from seal_gguf.cli.app import cli
+from seal_gguf.model.architectures import model_layout
+from seal_gguf.model.hooks import attach_scales
 from seal_gguf.scales import expected_shape, save_scales
 
 pytestmark = pytest.mark.slow

@@ -8,22 +8,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import seal_gguf.train as train_module
-from seal_gguf.architectures import model_layout
-from seal_gguf.cli import cli
+import seal_gguf.learn.train as train_module
+from seal_gguf.cli.app import cli
 from seal_gguf.constants import ScalesMeta
-from seal_gguf.data import encode_case, load_cases, make_cases
-from seal_gguf.hooks import attach_scales
-from seal_gguf.runners import load_tokenizer
-from seal_gguf.scales import identity_scales, load_scales
-from seal_gguf.train import (
+from seal_gguf.learn.data import encode_case, load_cases, make_cases
+from seal_gguf.learn.train import (
     answer_loss,
     enable_checkpointing,
     fit_scales,
     heldout_accuracy,
-    load_model,
     train_scales,
 )
+from seal_gguf.model.architectures import model_layout
+from seal_gguf.model.hooks import attach_scales
+from seal_gguf.model.loading import load_model, load_tokenizer
+from seal_gguf.scales import identity_scales, load_scales
 
 CPU = torch.device("cpu")
 

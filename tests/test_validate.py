@@ -17,24 +17,23 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from seal_gguf.architectures import model_layout
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
 from seal_gguf.constants import GRANULARITIES
-from seal_gguf.convert import convert
-from seal_gguf.quantize import quantize
-from seal_gguf.scales import expected_shape, read_scales, save_scales
-from seal_gguf.validate import (
+from seal_gguf.convert.quantize import quantize
+from seal_gguf.convert.to_gguf import convert_to_gguf
+from seal_gguf.gguffile.metadata import file_type_name
+from seal_gguf.measure.identity import first_token_difference
+from seal_gguf.measure.kld import (
     KLSummary,
     Limits,
     PositionStats,
-    builtin_documents,
     check_limits,
-    file_type_name,
-    first_difference,
     limits_for,
-    make_chunks,
     summarize_positions,
 )
+from seal_gguf.measure.texts import builtin_documents, make_chunks
+from seal_gguf.model.architectures import model_layout
+from seal_gguf.scales import expected_shape, read_scales, save_scales
 
 ARCHS = ["llama", "qwen2", "gemma3_text"]
 TYPES = ["f32", "f16", "q8_0", "q4_k_m"]
@@ -80,7 +79,7 @@ def build(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFact
             model_dir = tiny(tiny_model, arch)
             out = tmp_path_factory.mktemp(f"gguf-{arch}-{granularity}")
             scales = random_scales(out / "scales.safetensors", model_dir, granularity)
-            ggufs = {"f32": convert(model_dir, out / "seal-f32.gguf", "f32", scales, progress=False)}
+            ggufs = {"f32": convert_to_gguf(model_dir, out / "seal-f32.gguf", "f32", scales, progress=False)}
             for qtype in TYPES[1:]:
                 ggufs[qtype] = quantize(ggufs["f32"], out / f"seal-{qtype}.gguf", qtype, progress=False)
             cache[(arch, granularity)] = {"model": model_dir, "scales": scales, "ggufs": ggufs, "dir": out}
@@ -93,7 +92,7 @@ def build(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFact
 def base_ggufs(build, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny llama without scales, through the same converter and quantizer."""
     out = tmp_path_factory.mktemp("base")
-    f32 = convert(build("llama", "head")["model"], out / "base-f32.gguf", "f32", progress=False)
+    f32 = convert_to_gguf(build("llama", "head")["model"], out / "base-f32.gguf", "f32", progress=False)
     return {"f32": f32, "q8_0": quantize(f32, out / "base-q8_0.gguf", "q8_0", progress=False)}
 
 
@@ -143,7 +142,7 @@ def test_misfolded_gguf_fails(build, base_ggufs, text_file: Path, tmp_path: Path
     for name, permuted in wrong.items():
         assert not torch.equal(permuted, values)
         wrong_scales = random_scales(tmp_path / f"{name}.safetensors", model_dir, "head", permuted)
-        f32 = convert(model_dir, tmp_path / f"{name}-f32.gguf", "f32", wrong_scales, progress=False)
+        f32 = convert_to_gguf(model_dir, tmp_path / f"{name}-f32.gguf", "f32", wrong_scales, progress=False)
         ggufs += [f32, quantize(f32, tmp_path / f"{name}-q8_0.gguf", "q8_0", progress=False)]
     unscaled = base_ggufs["f32"]
     report_path = tmp_path / "report.json"
@@ -202,7 +201,7 @@ def test_gguf_of_another_architecture_refused(build, tmp_path: Path) -> None:
 def test_gguf_of_another_shape_refused(build, tiny_model, tmp_path: Path) -> None:
     llama = build("llama", "head")
     deeper = tiny_model("llama", num_hidden_layers=3)
-    other = convert(deeper, tmp_path / "deeper.gguf", "f32", progress=False)
+    other = convert_to_gguf(deeper, tmp_path / "deeper.gguf", "f32", progress=False)
     code, output = run_validate([str(llama["model"]), str(llama["scales"]), str(other)])
     assert code == 1
     assert "is not a GGUF of" in output and "layers 3 vs 2" in output
@@ -297,10 +296,10 @@ def test_make_chunks() -> None:
     assert [c.ids for c in make_chunks(docs[:1], [], ctx=4)] == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19]]
 
 
-def test_first_difference() -> None:
-    assert first_difference([1, 2, 3], [1, 2, 3]) is None
-    assert first_difference([1, 2, 3], [1, 4, 3]) == 1
-    assert first_difference([1, 2], [1, 2, 3]) == 2
+def test_first_token_difference() -> None:
+    assert first_token_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_token_difference([1, 2, 3], [1, 4, 3]) == 1
+    assert first_token_difference([1, 2], [1, 2, 3]) == 2
 
 
 def test_kl_statistics_match_direct_computation() -> None:

@@ -15,14 +15,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from seal_gguf.architectures import model_layout, read_config
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
 from seal_gguf.constants import GRANULARITY_CHANNEL, ScalesMeta
-from seal_gguf.convert import convert
+from seal_gguf.convert.to_gguf import convert_to_gguf
 from seal_gguf.errors import InputError
-from seal_gguf.rope import RopeScaling, expected_gguf_keys
+from seal_gguf.measure.identity import GGUFInfo, carried_extension, check_extension
+from seal_gguf.measure.texts import builtin_documents
+from seal_gguf.model.architectures import model_layout, read_config
+from seal_gguf.model.rope import RopeScaling, expected_gguf_keys
 from seal_gguf.scales import expected_shape, save_scales
-from seal_gguf.validate import GGUFInfo, builtin_documents, carried_extension, check_extension
 
 NATIVE = 64  # the tiny model's own context
 FACTOR = 4
@@ -54,7 +55,7 @@ def built(native: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     assert result.exit_code == 0, result.output
     text = out / "prose.txt"
     text.write_text(builtin_documents()[0].text[:1000], encoding="utf-8")  # about 230 tokens
-    return {"scales": scales, "yarn": yarn, "plain": convert(native, out / "seal.gguf", "f32", scales, progress=False),
+    return {"scales": scales, "yarn": yarn, "plain": convert_to_gguf(native, out / "seal.gguf", "f32", scales, progress=False),
             "text": text}
 
 

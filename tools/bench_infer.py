@@ -32,18 +32,18 @@ VARIANTS = ("base", "seal", "copy")
 
 
 def build_ggufs(folder: Path, work: Path) -> None:
-    from seal_gguf.convert import convert
-    from seal_gguf.demo import bundled_scales
+    from seal_gguf.bundled import bundled_scales
+    from seal_gguf.convert.to_gguf import convert_to_gguf
 
     model = smollm2_folder(work)
     for outtype in tqdm(TYPES, desc="building GGUFs", unit="type"):
-        convert(model, folder / f"base-{outtype}.gguf", outtype, progress=False)
-        convert(model, folder / f"seal-c-{outtype}.gguf", outtype, bundled_scales("channel"), progress=False)
+        convert_to_gguf(model, folder / f"base-{outtype}.gguf", outtype, progress=False)
+        convert_to_gguf(model, folder / f"seal-c-{outtype}.gguf", outtype, bundled_scales("channel"), progress=False)
 
 
 def measure_type(folder: Path, outtype: str, work: Path, prompt_len: int, generate: int, repeats: int,
                  threads: int) -> dict[str, list]:
-    from seal_gguf.runners import load_tokenizer
+    from seal_gguf.model.loading import load_tokenizer
 
     base = folder / f"base-{outtype}.gguf"
     copy = work / f"base-copy-{outtype}.gguf"

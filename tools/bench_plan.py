@@ -1,7 +1,7 @@
 """Check `seal-gguf plan` against measured training steps: SmolLM2-135M-Instruct at several prompt
 lengths, with and without gradient checkpointing, float32 and bfloat16. Appends a table to BENCHMARKS.md.
 
-Each step runs in its own process through seal_gguf.plan.measure_step (the same code as
+Each step runs in its own process through seal_gguf.learn.plan.measure_step (the same code as
 `seal-gguf plan --measure`): on CPU, the weights' bytes plus the growth of RSS during one training
 step, with malloc's mmap threshold fixed so that freed tensors leave RSS.
 
@@ -24,7 +24,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from seal_gguf.plan import estimate_step, measure_step, model_shape
+from seal_gguf.learn.measure_step import measure_step
+from seal_gguf.learn.plan import estimate_step, model_shape
 
 from benchlib import BENCHMARKS, append_section, machine, model_option, smollm2_folder
 
@@ -57,7 +58,7 @@ def main(model: Path | None, lengths: str, dtypes: str, output: Path) -> None:
         f"- command: `{command}`",
         f"- machine: {machine()}",
         "- SmolLM2-135M-Instruct, SEAL-H, lines task, one training step per fresh process "
-        "(`seal_gguf.plan.measure_step`, as `seal-gguf plan --measure`): the weights' bytes plus the growth of RSS "
+        "(`seal_gguf.learn.plan.measure_step`, as `seal-gguf plan --measure`): the weights' bytes plus the growth of RSS "
         "during the step, malloc's mmap threshold fixed at 128 KiB",
         "- step = what the step adds to the weights (activations, backward buffers, logits, optimizer)",
         "",

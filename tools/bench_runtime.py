@@ -48,9 +48,9 @@ def pytorch_speed(model_dir: Path, scales: Path, length: int, generate: int, thr
     import torch
     from transformers import AutoModelForCausalLM
 
-    from seal_gguf.architectures import model_layout
-    from seal_gguf.hooks import attach_scales
-    from seal_gguf.runners import load_tokenizer
+    from seal_gguf.model.architectures import model_layout
+    from seal_gguf.model.hooks import attach_scales
+    from seal_gguf.model.loading import load_tokenizer
     from seal_gguf.scales import load_scales
 
     torch.set_num_threads(threads)
@@ -120,8 +120,8 @@ def main(prompt_len: int, generate: int, repeats: int, threads: int, output: Pat
         print(json.dumps(result))
         return
 
-    from seal_gguf.convert import convert
-    from seal_gguf.demo import bundled_scales
+    from seal_gguf.bundled import bundled_scales
+    from seal_gguf.convert.to_gguf import convert_to_gguf
 
     command = shlex.join(["python", "tools/bench_runtime.py", *sys.argv[1:]])
     scales = bundled_scales("channel")
@@ -130,7 +130,7 @@ def main(prompt_len: int, generate: int, repeats: int, threads: int, output: Pat
         model = smollm2_folder(work)
         specs = {"PyTorch float32 + hooks": {"gguf": None, "model": str(model), "scales": str(scales)}}
         for outtype in tqdm(GGUF_TYPES, desc="folding", unit="GGUF"):
-            path = convert(model, work / f"seal-c-{outtype}.gguf", outtype, scales, progress=False)
+            path = convert_to_gguf(model, work / f"seal-c-{outtype}.gguf", outtype, scales, progress=False)
             specs[f"llama.cpp, folded {outtype} GGUF"] = {"gguf": str(path)}
 
         def variant(spec: dict):

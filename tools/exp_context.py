@@ -31,15 +31,15 @@ from pathlib import Path
 
 import click
 
-from seal_gguf.architectures import read_config
+from seal_gguf.bundled import bundled_scales
 from seal_gguf.constants import GRANULARITY_CHANNEL
-from seal_gguf.convert import convert
-from seal_gguf.demo import bundled_scales
+from seal_gguf.convert.to_gguf import convert_to_gguf
 from seal_gguf.errors import SealError
-from seal_gguf.evaluate import EvalReport, evaluate, render_table
-from seal_gguf.rope import KINDS, RopeScaling
+from seal_gguf.learn.train import train_scales
+from seal_gguf.measure.evaluate import EvalReport, evaluate, render_table
+from seal_gguf.model.architectures import read_config
+from seal_gguf.model.rope import KINDS, RopeScaling
 from seal_gguf.scales import save_scales
-from seal_gguf.train import train_scales
 
 from benchlib import append_section, machine, model_option, smollm2_folder
 
@@ -77,13 +77,13 @@ def build_ggufs(model: Path, work: Path, kinds: list[str], factor: float, outtyp
     ropes = [RopeScaling(kind, factor).resolved(read_config(model)) for kind in kinds]
     learned = {rope: learn_scales(model, work, rope, train_length, train_samples, log) for rope in ropes}
     bundled = bundled_scales(GRANULARITY_CHANNEL)
-    ggufs = {"base": convert(model, work / "base.gguf", outtype, progress=False)}
+    ggufs = {"base": convert_to_gguf(model, work / "base.gguf", outtype, progress=False)}
     for rope in ropes:
         tag = f"{rope.kind} x{factor:g}"
-        ggufs[tag] = convert(model, work / f"{rope.kind}.gguf", outtype, rope=rope, progress=False)
-        ggufs[f"{tag} + SEAL-C bundled"] = convert(model, work / f"{rope.kind}-seal-bundled.gguf", outtype,
+        ggufs[tag] = convert_to_gguf(model, work / f"{rope.kind}.gguf", outtype, rope=rope, progress=False)
+        ggufs[f"{tag} + SEAL-C bundled"] = convert_to_gguf(model, work / f"{rope.kind}-seal-bundled.gguf", outtype,
                                                    bundled, rope=rope, progress=False)
-        ggufs[f"{tag} + SEAL-C learned under it"] = convert(model, work / f"{rope.kind}-seal-learned.gguf",
+        ggufs[f"{tag} + SEAL-C learned under it"] = convert_to_gguf(model, work / f"{rope.kind}-seal-learned.gguf",
                                                             outtype, learned[rope], rope=rope, progress=False)
     return ggufs
 

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 import click
 
-from .. import __version__
-from ..errors import SealError
-from ..rope import KINDS as ROPE_KINDS
+from seal_gguf import __version__
+from seal_gguf.errors import SealError
+from seal_gguf.model.rope import KINDS as ROPE_KINDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,7 +68,7 @@ PATH = click.Path(path_type=Path)
 
 def rope_options(func: F) -> F:
     """--rope-scaling / --rope-factor / --rope-original-context: a training-free context extension.
-    The command turns them into a RopeScaling with seal_gguf.rope.rope_from_options."""
+    The command turns them into a RopeScaling with seal_gguf.model.rope.rope_from_options."""
     options = (
         click.option("--rope-scaling", type=click.Choice(ROPE_KINDS), default=None,
                      help="Extend the context without training: linear (position interpolation), yarn (YaRN) or "

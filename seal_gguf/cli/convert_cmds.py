@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
-from ..constants import ScalesMeta
-from ..convert import LLAMA_CPP_ENV, convert
-from ..quantize import quantize
-from ..rope import extension_mismatch, rope_for_model
-from ..scales import read_scales
+from seal_gguf.constants import ScalesMeta
+from seal_gguf.convert.quantize import quantize
+from seal_gguf.convert.to_gguf import LLAMA_CPP_ENV, convert_to_gguf
+from seal_gguf.model.rope import extension_mismatch, rope_for_model
+from seal_gguf.scales import read_scales
+
 from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
 from .ship_cmds import check_modelfile, modelfile_after_conversion, ollama_flag
 
@@ -74,7 +75,7 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
         click.echo(f"warning: {mismatch}", err=True)
     if ollama:
         check_modelfile(out_path, force)
-    convert(model_dir, out_path, outtype, scales, imatrix=imatrix, attn_output_type=attn_output_type,
+    convert_to_gguf(model_dir, out_path, outtype, scales, imatrix=imatrix, attn_output_type=attn_output_type,
             llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=not quiet)
     report(out_path, outtype, started)
     if ollama:
@@ -99,7 +100,7 @@ def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | N
     """
     started = time.monotonic()
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
-    convert(model_dir, out_path, outtype, imatrix=imatrix, attn_output_type=attn_output_type,
+    convert_to_gguf(model_dir, out_path, outtype, imatrix=imatrix, attn_output_type=attn_output_type,
             llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=not quiet)
     report(out_path, outtype, started)
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from ..constants import GRANULARITIES
-from ..demo import run_demo
+from seal_gguf.constants import GRANULARITIES
+from seal_gguf.demo import run_demo
+
 from .app import PATH, cli, force_option, handle_errors, quiet_option
 
 

@@ -7,12 +7,13 @@ from typing import Any
 
 import click
 
-from ..chat import ChatSession, ContextFull, read_document
-from ..data import TASKS
-from ..evaluate import evaluate, render_table, write_report_json
-from ..fileio import check_output_path
-from ..plots import check_plot_path, plot_report
-from ..rope import rope_from_options
+from seal_gguf.fileio import check_output_path
+from seal_gguf.learn.data import TASKS
+from seal_gguf.measure.evaluate import evaluate, render_table, write_eval_json
+from seal_gguf.measure.plots import check_plot_path, plot_report
+from seal_gguf.model.rope import rope_from_options
+from seal_gguf.ship.chat import ChatSession, ContextFull, read_document
+
 from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
 
 
@@ -82,7 +83,7 @@ def eval_cmd(models: tuple[Path, ...], task: str, lengths: list[int], samples: i
                       progress=not quiet, max_tokens=max_tokens, threads=threads, rope=rope)
     click.echo(render_table(report))
     if json_out is not None:
-        write_report_json(json_out, report, force=force)
+        write_eval_json(json_out, report, force=force)
         click.echo(f"Wrote {json_out}")
     if plot_out is not None:
         plot_report(report, plot_out, force=force)

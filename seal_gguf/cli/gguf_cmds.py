@@ -32,7 +32,7 @@ def fold_gguf_cmd(gguf_file: Path, scales: Path, out_path: Path, force: bool, qu
       seal-gguf fold-gguf SmolLM2-135M-Instruct.Q4_1.gguf scales.safetensors -o smol-seal.Q4_1.gguf
       seal-gguf fold-gguf model-f16.gguf scales.safetensors -o model-seal-f16.gguf
     """
-    from ..fold_gguf import fold_gguf  # imports gguf: only when the command runs
+    from seal_gguf.fold.gguf import fold_gguf  # imports gguf: only when the command runs
 
     started = time.monotonic()
     result = fold_gguf(gguf_file, scales, out_path, force=force, progress=not quiet)

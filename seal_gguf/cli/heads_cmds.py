@@ -6,11 +6,18 @@ from pathlib import Path
 
 import click
 
-from ..data import TASKS
-from ..fileio import check_output_path
-from ..heads import DEFAULT_BATCH_SIZE, head_effects, parse_factors, plot_heads, write_heads_csv
-from ..plots import check_plot_path
-from ..train import DEVICES, DTYPES
+from seal_gguf.fileio import check_output_path
+from seal_gguf.learn.data import TASKS
+from seal_gguf.measure.heads import (
+    DEFAULT_BATCH_SIZE,
+    head_effects,
+    parse_factors,
+    plot_heads,
+    write_heads_csv,
+)
+from seal_gguf.measure.plots import check_plot_path
+from seal_gguf.model.loading import DEVICES, DTYPES
+
 from .app import PATH, cli, handle_errors, quiet_option
 
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import click
 
-from ..errors import InputError
-from ..fold import fold_checkpoint
-from ..import_gguf import DTYPES, import_gguf
-from ..inspection import inspect_path
-from ..plots import check_plot_path, plot_scales
-from ..scales import read_scales
+from seal_gguf.convert.from_gguf import IMPORT_DTYPES, import_gguf
+from seal_gguf.errors import InputError
+from seal_gguf.fold.hf import fold_checkpoint
+from seal_gguf.measure.plots import check_plot_path, plot_scales
+from seal_gguf.scales import read_scales
+from seal_gguf.ship.inspect import inspect_path
+
 from .app import PATH, cli, force_option, handle_errors, quiet_option
 
 
@@ -102,7 +103,7 @@ def fold(model_dir: Path, scales: Path, out_dir: Path, force: bool, quiet: bool)
 @cli.command("import-gguf")
 @click.argument("gguf_file", type=PATH)
 @click.argument("out_dir", type=PATH)
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(sorted(IMPORT_DTYPES)), default="float32", show_default=True,
               help="Dtype of the dequantized weights.")
 @force_option
 @quiet_option

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from ..errors import InputError
-from ..fileio import check_output_path
-from ..model_card import write_card
-from ..ollama import ModelfileResult, default_modelfile, ollama_name, write_modelfile
-from ..serve import DEFAULT_HOST, DEFAULT_PORT, LlamaServer, plan_server
+from seal_gguf.errors import InputError
+from seal_gguf.fileio import check_output_path
+from seal_gguf.ship.card import write_card
+from seal_gguf.ship.ollama import ModelfileResult, default_modelfile, ollama_name, write_modelfile
+from seal_gguf.ship.serve import DEFAULT_HOST, DEFAULT_PORT, LlamaServer, plan_server
+
 from .app import PATH, cli, force_option, handle_errors
 
 scales_option = click.option(

@@ -10,24 +10,25 @@ from pathlib import Path
 
 import click
 
-from ..constants import GRANULARITIES, GRANULARITY_HEAD
-from ..data import TASKS, load_cases, make_cases, save_cases
-from ..fileio import atomic_file, check_output_path
-from ..plan import (
+from seal_gguf.constants import GRANULARITIES, GRANULARITY_HEAD
+from seal_gguf.fileio import atomic_file, check_output_path
+from seal_gguf.learn.data import TASKS, load_cases, make_cases, save_cases
+from seal_gguf.learn.measure_step import measure_step
+from seal_gguf.learn.plan import (
     DISK,
     Placement,
     StepMemory,
     available_memory,
     estimate_step,
-    measure_step,
     model_shape,
     parse_max_memory,
     place_layers,
 )
-from ..rope import rope_for_model
-from ..runners import load_tokenizer
-from ..scales import save_scales
-from ..train import DEFAULT_LR, DEVICES, DTYPES, train_scales
+from seal_gguf.learn.train import DEFAULT_LR, train_scales
+from seal_gguf.model.loading import DEVICES, DTYPES, load_tokenizer
+from seal_gguf.model.rope import rope_for_model
+from seal_gguf.scales import save_scales
+
 from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
 
 

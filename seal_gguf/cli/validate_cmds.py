@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
-from ..data import TASKS
-from ..fileio import check_output_path
-from ..rope import rope_for_model
-from ..validate import DEFAULT_CTX, format_report, raise_for_failures, validate, write_report_json
+from seal_gguf.fileio import check_output_path
+from seal_gguf.learn.data import TASKS
+from seal_gguf.measure.validate import DEFAULT_CTX, raise_for_failures, validate, write_validation_json
+from seal_gguf.measure.validate_report import format_report
+from seal_gguf.model.rope import rope_for_model
+
 from .app import PATH, cli, handle_errors, quiet_option, rope_options
 
 
@@ -70,6 +72,6 @@ def validate_cmd(model_dir: Path, scales: Path, ggufs: tuple[Path, ...], base_gg
         click.echo(f"Warning: {warning}", err=True)
     click.echo(format_report(report))
     if json_out is not None:
-        write_report_json(json_out, report, force=force)
+        write_validation_json(json_out, report, force=force)
         click.echo(f"Wrote {json_out}")
     raise_for_failures(report)

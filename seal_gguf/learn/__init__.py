@@ -1,0 +1,1 @@
+"""Learning the scales: generated retrieval data, training, and planning its memory."""

@@ -1,0 +1,322 @@
+"""Learning SEAL scales: the model frozen, only the scales train, on generated retrieval cases.
+
+Recipe (the paper's): scales initialised at 1.0, applied by forward pre-hooks on o_proj
+(seal_gguf.model.hooks); AdamW with a constant learning rate and no weight decay (decay would pull the
+scales toward 0, not toward the identity 1.0); one epoch, batch 1; cross-entropy on the answer
+tokens only. The output layer runs only on the answer positions (`logits_to_keep`): with large
+vocabularies it is most of a step's cost. After each step the scales are clamped to MIN_SCALE so
+that they stay positive, as the scales file requires (a scale that small mutes its head anyway).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from seal_gguf import __version__
+from seal_gguf.constants import GRANULARITIES, GRANULARITY_CHANNEL, GRANULARITY_HEAD, ScalesMeta
+from seal_gguf.errors import InputError, ScalesError
+from seal_gguf.learn.data import Case, encode_case, make_cases, score_answer
+from seal_gguf.learn.plan import (
+    CPU,
+    DISK,
+    available_memory,
+    estimate_step,
+    model_shape,
+    parse_max_memory,
+    place_layers,
+    read_device_map,
+)
+from seal_gguf.model.architectures import ModelLayout, read_config
+from seal_gguf.model.checkpoint import model_fingerprint
+from seal_gguf.model.hooks import attach_scales
+from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
+from seal_gguf.model.rope import RopeScaling
+from seal_gguf.scales import identity_scales
+
+DEFAULT_LR = {GRANULARITY_HEAD: 1e-2, GRANULARITY_CHANNEL: 2e-2}
+MIN_SCALE = 1e-3
+# Greedy decoding for held-out scoring stops this many tokens after the label's length.
+EXTRA_ANSWER_TOKENS = 3
+
+
+@dataclass
+class TrainResult:
+    scales: torch.Tensor  # float32 on the CPU, [L, H] or [L, H, D]
+    layout: ModelLayout
+    granularity: str
+    losses: list[float]  # one per training case, in order
+    heldout_before: tuple[int, int] | None  # (correct, total); None when eval_samples is 0
+    heldout_after: tuple[int, int] | None
+    seconds_per_case: float
+    provenance: dict[str, str] = field(default_factory=dict)
+    device_map: dict[str, str] | None = None  # module -> device, when the model was dispatched
+
+    @property
+    def accuracy_before(self) -> float | None:
+        return None if self.heldout_before is None else self.heldout_before[0] / self.heldout_before[1]
+
+    @property
+    def accuracy_after(self) -> float | None:
+        return None if self.heldout_after is None else self.heldout_after[0] / self.heldout_after[1]
+
+
+# -- model --
+
+def device_map_for(model_dir: Path, spec: str, max_memory: str | None, length: int, dtype: str,
+                   checkpointing: bool, granularity: str) -> tuple[dict[str, str], torch.device]:
+    """(module -> device, where the inputs go) for `--device-map auto`, planned by seal_gguf.learn.plan
+    within `max_memory` (default: what is free on each GPU, then in RAM, then disk), or for
+    `--device-map FILE.json`."""
+    if spec == "auto":
+        shape = model_shape(model_dir)
+        budgets = parse_max_memory(max_memory) if max_memory else available_memory()
+        placement = place_layers(shape, estimate_step(shape, length, dtype, checkpointing, granularity), budgets)
+        return placement.device_map, torch.device(placement.execution_device)
+    if max_memory:
+        raise InputError("--max-memory plans a device map: use it with --device-map auto, not with a map file")
+    device_map = read_device_map(Path(spec))
+    accelerators = [d for d in device_map.values() if d not in (CPU, DISK)]
+    return device_map, torch.device(accelerators[0] if accelerators else CPU)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing: gradients reach the hooked scales without input grads."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # checkpointing enables input grads for PEFT; frozen embeddings need none
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+
+
+@contextmanager
+def checkpointed_layers(model: nn.Module) -> Iterator[None]:
+    """Turn on training mode for the checkpointed decoder layers only (transformers checkpoints a
+    layer only in training mode), so dropout elsewhere stays off and the frozen model deterministic."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+
+
+# -- loss and decoding --
+
+def answer_loss(model: nn.Module, prompt_ids: Sequence[int], answer_ids: Sequence[int],
+                device: torch.device) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens given the prompt; the prompt itself is not scored.
+
+    The input is prompt + answer[:-1]; the last len(answer) positions predict the answer tokens,
+    and only those positions go through the output layer.
+    """
+    ids = torch.tensor([[*prompt_ids, *answer_ids[:-1]]], device=device)
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(answer_ids)).logits[0]
+    # with a device map the logits come from the last layer's device
+    return F.cross_entropy(logits.float(), torch.tensor(list(answer_ids), device=logits.device))
+
+
+@torch.no_grad()
+def greedy_continuation(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
+                        stop_ids: set[int], device: torch.device) -> list[int]:
+    """The argmax continuation: a fresh generation config, so no sampling or repetition penalty
+    that the model's own generation_config may carry."""
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([list(prompt_ids)], device=device)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stop_ids) or None,
+                              pad_token_id=min(stop_ids, default=0))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return [t for t in out[0, ids.shape[1]:].tolist() if t not in stop_ids]
+
+
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def heldout_accuracy(model: nn.Module, tokenizer: Any, cases: Sequence[Case], device: torch.device,
+                     progress: bool, desc: str) -> tuple[int, int]:
+    """(correct, total) by greedy decoding a few tokens after each prompt."""
+    stop = stop_token_ids(model, tokenizer)
+    correct = 0
+    for case in tqdm(cases, desc=desc, unit="case", disable=not progress, leave=False):
+        prompt_ids, answer_ids = encode_case(tokenizer, case)
+        tokens = greedy_continuation(model, prompt_ids, len(answer_ids) + EXTRA_ANSWER_TOKENS, stop, device)
+        correct += score_answer(case, tokenizer.decode(tokens, skip_special_tokens=True))
+    return correct, len(cases)
+
+
+def fit_scales(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Sequence[Case], granularity: str,
+               lr: float, device: torch.device, gradient_checkpointing: bool, progress: bool,
+               scales: nn.Parameter | None = None) -> tuple[nn.Parameter, list[float]]:
+    """One epoch, batch 1, over `cases`; returns the trained scales (a Parameter on `device`) and
+    the loss of each case. The hooks are attached for the duration only."""
+    if scales is None:
+        scales = nn.Parameter(identity_scales(layout, granularity).to(device))
+    optimizer = torch.optim.AdamW([scales], lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    bar = tqdm(cases, desc="training", unit="case", disable=not progress)
+    layers_mode = checkpointed_layers(model) if gradient_checkpointing else nullcontext()
+    with attach_scales(model, layout, scales), layers_mode:
+        for number, case in enumerate(bar, 1):
+            prompt_ids, answer_ids = encode_case(tokenizer, case)
+            loss = answer_loss(model, prompt_ids, answer_ids, device)
+            if not torch.isfinite(loss):
+                raise ScalesError(
+                    f"training diverged: the loss of case {number} is {loss.item()}; "
+                    "try a lower --lr or --dtype float32"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                scales.clamp_(min=MIN_SCALE)
+            losses.append(loss.item())
+            recent = losses[-10:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    return scales, losses
+
+
+# -- the whole run --
+
+def _cases_summary(cases: Sequence[Case]) -> tuple[str, int]:
+    """Task and length of a loaded case set (one task; the longest length)."""
+    tasks = sorted({c.task for c in cases})
+    if len(tasks) != 1:
+        raise InputError(f"training cases mix tasks ({', '.join(tasks)}); use one task per run")
+    return tasks[0], max(c.length for c in cases)
+
+
+def _fraction(result: tuple[int, int] | None) -> str:
+    return "n/a" if result is None else f"{result[0] / result[1]:.3f} ({result[0]}/{result[1]})"
+
+
+def train_scales(
+    model_dir: Path,
+    granularity: str = GRANULARITY_HEAD,
+    task: str = "lines",
+    samples: int = 50,
+    length: int = 1024,
+    lr: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    gradient_checkpointing: bool = True,
+    eval_samples: int = 20,
+    progress: bool = True,
+    cases: Sequence[Case] | None = None,
+    command: str = "",
+    rope: RopeScaling | None = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
+) -> TrainResult:
+    """Learn SEAL scales for the model in model_dir. Training cases are generated from the "train"
+    split with `seed` unless `cases` are given; held-out cases are fresh "eval" cases of the same
+    task and length with seed + 1, scored before and after training.
+
+    rope: learn under this context extension; the scales file records it (ScalesMeta.ROPE_SCALING).
+    device_map: "auto" (placed by seal_gguf.learn.plan within max_memory) or a JSON device-map file:
+    the layers spread over GPUs, CPU RAM and disk (accelerate's dispatch; `device` is then unused).
+    """
+    model_dir = Path(model_dir)
+    if rope is not None:
+        rope = rope.resolved(read_config(model_dir), str(model_dir / "config.json"))
+    if granularity not in GRANULARITIES:
+        raise InputError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+    if eval_samples < 0:
+        raise InputError(f"eval samples must be >= 0, not {eval_samples}")
+    lr = DEFAULT_LR[granularity] if lr is None else lr
+    if not lr > 0:
+        raise InputError(f"learning rate must be > 0, not {lr}")
+    if max_memory and device_map is None:
+        raise InputError("--max-memory needs --device-map auto")
+    tokenizer = load_tokenizer(model_dir)
+    if cases is None:
+        if samples < 1:
+            raise InputError(f"samples must be >= 1, not {samples}")
+        cases = make_cases(tokenizer, task, length, samples, seed, split="train")
+    else:
+        task, length = _cases_summary(cases)
+    heldout = make_cases(tokenizer, task, length, eval_samples, seed + 1, split="eval")
+    dispatch: dict[str, str] | None = None
+    if device_map is None:
+        torch_device = resolve_device(device)
+    else:
+        dispatch, torch_device = device_map_for(model_dir, device_map, max_memory, length, dtype,
+                                                gradient_checkpointing, granularity)
+    # layers placed on "disk" are read back from this folder (or straight from the safetensors files)
+    with tempfile.TemporaryDirectory(prefix="seal-offload-") if dispatch else nullcontext() as offload:
+        model, layout = load_model(model_dir, torch_device, dtype, progress, rope, dispatch,
+                                   Path(offload) if offload else None)
+        result = _train_loaded(model, layout, tokenizer, cases, heldout, granularity, lr, torch_device,
+                               gradient_checkpointing, progress)
+    provenance = {
+        ScalesMeta.TASK: task,
+        ScalesMeta.SAMPLES: str(len(cases)),
+        ScalesMeta.LENGTH: str(length),
+        ScalesMeta.LR: repr(lr),
+        ScalesMeta.SEED: str(seed),
+        ScalesMeta.BASE_FINGERPRINT: model_fingerprint(model_dir, layout),
+        ScalesMeta.SEAL_GGUF_VERSION: __version__,
+        ScalesMeta.COMMAND: command,
+        ScalesMeta.HELDOUT_BEFORE: _fraction(result.heldout_before),
+        ScalesMeta.HELDOUT_AFTER: _fraction(result.heldout_after),
+    }
+    if rope is not None:
+        provenance[ScalesMeta.ROPE_SCALING] = rope.spec()
+    result.provenance = provenance
+    result.device_map = dispatch
+    return result
+
+
+def _train_loaded(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Sequence[Case],
+                  heldout: Sequence[Case], granularity: str, lr: float, torch_device: torch.device,
+                  gradient_checkpointing: bool, progress: bool) -> TrainResult:
+    """Held-out accuracy before, one epoch of training, held-out accuracy after."""
+    scales = nn.Parameter(identity_scales(layout, granularity).to(torch_device))
+    before = after = None
+    if heldout:
+        with attach_scales(model, layout, scales):
+            before = heldout_accuracy(model, tokenizer, heldout, torch_device, progress, "held-out before")
+    start = time.perf_counter()
+    scales, losses = fit_scales(model, layout, tokenizer, cases, granularity, lr, torch_device,
+                                gradient_checkpointing, progress, scales)
+    seconds_per_case = (time.perf_counter() - start) / len(cases)
+    if heldout:
+        with attach_scales(model, layout, scales):
+            after = heldout_accuracy(model, tokenizer, heldout, torch_device, progress, "held-out after")
+
+    return TrainResult(
+        scales=scales.detach().to("cpu", torch.float32).clone(),
+        layout=layout,
+        granularity=granularity,
+        losses=losses,
+        heldout_before=before,
+        heldout_after=after,
+        seconds_per_case=seconds_per_case,
+    )

@@ -1,0 +1,177 @@
+"""Model runners for evaluation: a GGUF through llama-cpp-python, an HF folder through PyTorch.
+
+Both take the same prompt text (chat template included), tokenize it with their own tokenizer,
+add a BOS token only where the model asks for one and the text does not already start with it,
+and continue it greedily. Scoring needs nothing more: no logits are kept beyond the last position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from seal_gguf.constants import FLASH_ATTENTION
+from seal_gguf.errors import EngineError, InputError
+from seal_gguf.fileio import first_line, require_gguf
+from seal_gguf.model.architectures import model_layout, read_config
+from seal_gguf.model.checkpoint import locate_o_proj, read_headers
+from seal_gguf.model.loading import load_tokenizer, quiet_transformers
+from seal_gguf.model.rope import RopeScaling, transformers_config
+
+
+class Runner(Protocol):
+    name: str
+    n_ctx: int | None  # the context the runner was opened with; None: the model's own limit
+
+    def tokenize(self, prompt: str) -> list[int]: ...
+
+    def generate(self, prompt: str, max_tokens: int) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def _with_prefix(ids: list[int], prefix: list[int]) -> list[int]:
+    """ids with the tokenizer's special prefix (BOS) added unless the text already starts with it."""
+    if prefix and ids[: len(prefix)] != prefix:
+        return prefix + ids
+    return ids
+
+
+class GGUFRunner:
+    """A GGUF run by llama-cpp-python: the prompt processed once, then greedy tokens."""
+
+    def __init__(self, path: Path, n_ctx: int | None = None, gpu: bool = False, threads: int | None = None):
+        from llama_cpp import Llama
+
+        self.path = require_gguf(Path(path))
+        self.name = self.path.name
+        try:
+            # logits_all stays off: it would compute the vocabulary-wide output layer at every
+            # prompt position, which costs more than the rest of the model on small models.
+            self.llm = Llama(str(self.path), n_ctx=n_ctx or 0, n_gpu_layers=-1 if gpu else 0, verbose=False,
+                             n_threads=threads, n_threads_batch=threads, flash_attn=FLASH_ATTENTION)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise InputError(f"{self.path}: llama.cpp cannot load this GGUF ({first_line(exc)})") from None
+        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp adds BOS (add_special) only when the GGUF asks for it.
+        self._prefix = self.llm.tokenize(b"", add_bos=True, special=True)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        ids = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return _with_prefix(ids, self._prefix)
+
+    def generate(self, prompt: str, max_tokens: int) -> str:
+        ids = self.tokenize(prompt)
+        if len(ids) + max_tokens > self.n_ctx:
+            raise InputError(
+                f"{self.name}: a prompt of {len(ids)} tokens plus {max_tokens} answer tokens does not fit "
+                f"the context of {self.n_ctx} tokens"
+            )
+        try:
+            out = self.llm.create_completion(
+                ids, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(f"{self.name}: llama.cpp failed to generate ({first_line(exc)})") from None
+        return str(out["choices"][0]["text"])  # type: ignore[index]
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class HFRunner:
+    """An HF folder run by PyTorch in float32, optionally with SEAL scales applied by hooks and its
+    context extended by a RoPE scaling."""
+
+    def __init__(self, folder: Path, scales: Path | None = None, device: str = "cpu", threads: int | None = None,
+                 rope: RopeScaling | None = None):
+        from transformers import AutoModelForCausalLM
+
+        from seal_gguf.model.checkpoint import check_not_folded
+        from seal_gguf.model.hooks import attach_scales
+        from seal_gguf.scales import load_scales
+
+        self.path = Path(folder)
+        config = read_config(self.path)
+        # pickled-only, truncated or corrupt weights: refused before transformers sees them
+        headers = read_headers(self.path)
+        self.name = self.path.name + (f"+{Path(scales).name}" if scales else "")
+        self.n_ctx = None
+        self.device = torch.device(device)
+        self.tokenizer = load_tokenizer(self.path)
+        layout = model_layout(self.path) if scales else None
+        values = None
+        if scales and layout is not None:
+            check_not_folded(config, str(self.path), force=False, remedy="apply --scales to the original, unfolded model")
+            locate_o_proj(headers, layout)  # weights that do not fit config.json
+            values = load_scales(Path(scales), layout).values.to(self.device)
+        extended = {} if rope is None else {"config": transformers_config(config, rope, str(self.path / "config.json"))}
+        try:
+            with quiet_transformers():
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    str(self.path), dtype=torch.float32, use_safetensors=True, **extended
+                ).to(self.device).eval()
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            raise InputError(f"{self.path}: transformers cannot load this model ({first_line(exc)})") from None
+        self.hooks = None
+        if values is not None and layout is not None:
+            self.hooks = attach_scales(self.model, layout, values)
+        self._prefix = self._special_prefix()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self._eos = {int(i) for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
+        self._threads_before = torch.get_num_threads()  # a process-wide setting: restored by close()
+        if threads:
+            torch.set_num_threads(threads)
+
+    def _special_prefix(self) -> list[int]:
+        """The tokens the tokenizer puts before any text (BOS or nothing)."""
+        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        return full[: len(full) - len(bare)] if full[-len(bare):] == bare else []
+
+    def tokenize(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return _with_prefix(list(ids), self._prefix)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_tokens: int) -> str:
+        from transformers import GenerationConfig
+
+        ids = torch.tensor([self.tokenize(prompt)], device=self.device)
+        # A fresh config, not the model's generation_config: no sampling, no repetition penalty,
+        # so the answer is the argmax continuation, as llama.cpp's greedy sampler gives.
+        config = GenerationConfig(
+            max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(self._eos),
+            pad_token_id=min(self._eos) if self._eos else 0,
+        )
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        new = out[0, ids.shape[1]:].tolist()
+        return str(self.tokenizer.decode(new, skip_special_tokens=True))
+
+    def close(self) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()
+        del self.model
+        torch.set_num_threads(self._threads_before)
+
+
+def open_runner(model: Path, scales: Path | None = None, n_ctx: int | None = None, device: str = "cpu",
+                threads: int | None = None, rope: RopeScaling | None = None) -> Runner:
+    """A GGUF file runs in llama.cpp (scales and context extension must already be in it); a folder
+    runs in PyTorch."""
+    model = Path(model)
+    if model.is_dir():
+        return HFRunner(model, scales=scales, device=device, threads=threads, rope=rope)
+    if not model.exists():
+        raise InputError(f"{model}: no such GGUF file or model folder")
+    if scales:
+        raise InputError(
+            f"{model}: --scales applies to HF model folders only; a GGUF carries its scales folded into its weights"
+        )
+    if rope is not None:
+        raise InputError(f"{model}: --rope-scaling applies to HF model folders only; a GGUF carries its context "
+                         "extension in its metadata (convert it with --rope-scaling)")
+    return GGUFRunner(model, n_ctx=n_ctx, gpu=device != "cpu", threads=threads)

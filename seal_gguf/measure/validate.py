@@ -1,0 +1,309 @@
+"""`seal-gguf validate`: the folded checkpoint and its GGUFs against the unfolded model with hooks.
+
+The reference is the original HF model in PyTorch, float32, with the SEAL scales applied by hooks,
+run on evaluation text split into chunks of at most `ctx` tokens. Its logits at every position are
+kept in a temporary memory-mapped file; each candidate is then run on exactly the same token ids and
+compared position by position:
+- Level 1, the folded HF checkpoint: max |Δlogit| (float rounding only).
+- Level 2, each GGUF in llama.cpp: KL(reference || GGUF) over the whole vocabulary in float64,
+  top-1 agreement, and the change in the probability of the text's next token, summarised as
+  llama-perplexity's KL-divergence report does. Base GGUFs are compared with the unscaled model.
+- Level 3 (optional), retrieval accuracy on generated cases, through evaluate.py.
+With a context extension (rope.RopeScaling) every engine runs the extended model: PyTorch loads it
+with the extended config, and each GGUF must carry the same extension in its metadata.
+Defaults per GGUF type turn the figures into pass / fail, so the command can gate a release.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from seal_gguf.constants import CONFIG_FOLD_KEY, ScalesMeta
+from seal_gguf.errors import InputError, ValidationFailed
+from seal_gguf.fileio import atomic_file
+from seal_gguf.fold.hf import fold_checkpoint
+from seal_gguf.gguffile.llama import open_llama
+from seal_gguf.measure.identity import (
+    MIN_CTX,
+    GGUFInfo,
+    check_extension,
+    check_same_model,
+    read_gguf_info,
+    seal_warnings,
+    tokenization_difference,
+)
+from seal_gguf.measure.kld import (
+    KLSummary,
+    Limits,
+    LogitStore,
+    PositionStats,
+    check_limits,
+    limits_for,
+    summarize_positions,
+    torch_logits,
+)
+from seal_gguf.measure.runners import HFRunner
+from seal_gguf.measure.texts import (
+    Chunk,
+    builtin_documents,
+    make_chunks,
+    read_text_document,
+    retrieval_document,
+)
+from seal_gguf.model.architectures import layout_from_config, read_config
+from seal_gguf.model.checkpoint import check_not_folded
+from seal_gguf.model.hooks import attach_scales
+from seal_gguf.model.rope import (
+    RopeScaling,
+    extend_config,
+    extension_mismatch,
+)
+from seal_gguf.scales import SealScales, load_scales
+
+DEFAULT_CTX = 1024
+# Level 1: max |Δlogit| / max |logit| of the folded checkpoint; float32 rounding stays far below.
+MAX_RELATIVE_LOGIT_DIFF = 1e-4
+# -- engines --
+
+def gguf_stats(path: Path, chunks: Sequence[Chunk], store: LogitStore, vocab: int, progress: bool) -> KLSummary:
+    stats = PositionStats()
+    with open_llama(path, n_ctx=max(len(c.ids) for c in chunks)) as llm:
+        if llm.n_vocab() != vocab:
+            raise InputError(f"{path}: llama.cpp reports {llm.n_vocab()} logits per token, the model {vocab}")
+        with _bar(chunks, path.name, progress) as bar:
+            for i, chunk in enumerate(chunks):
+                llm.reset()
+                llm.eval(chunk.ids)
+                n = len(chunk.ids)
+                stats.add(store[i][:n - 1], llm.scores[:n - 1], np.asarray(chunk.ids[1:]))
+                bar.update(n)
+    return summarize_positions(stats)
+
+
+@contextmanager
+def _bar(chunks: Sequence[Chunk], desc: str, progress: bool) -> Iterator[tqdm]:
+    with tqdm(total=sum(len(c.ids) for c in chunks), unit="tok", desc=desc, disable=not progress,
+              dynamic_ncols=True) as bar:
+        yield bar
+
+
+# -- the report --
+
+@dataclass(frozen=True)
+class FoldedResult:
+    """Level 1: the folded HF checkpoint against the reference."""
+
+    path: str  # "(temporary)" when validate folded it
+    max_abs_diff: float
+    max_abs_logit: float
+    relative: float
+    failures: list[str]
+
+
+@dataclass(frozen=True)
+class GGUFResult:
+    role: str  # "seal" (against the reference with scales) or "base" (against the unscaled model)
+    info: GGUFInfo
+    summary: KLSummary
+    limits: Limits
+    failures: list[str]
+
+
+@dataclass
+class ValidationReport:
+    model_dir: str
+    scales: str
+    scales_sha256: str | None
+    granularity: str
+    ctx: int
+    documents: list[tuple[str, int]]  # name, tokens
+    chunks: int
+    rope_scaling: str | None = None  # the context extension every engine ran (RopeScaling.spec()); None: none
+    folded: FoldedResult | None = None
+    ggufs: list[GGUFResult] = field(default_factory=list)
+    retrieval: Any = None  # evaluate.EvalReport
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        out = [f"folded checkpoint: {f}" for f in (self.folded.failures if self.folded else [])]
+        out += [f"{Path(g.info.path).name}: {f}" for g in self.ggufs for f in g.failures]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        from seal_gguf.measure.evaluate import report_to_json
+
+        data = asdict(self)
+        data["retrieval"] = report_to_json(self.retrieval) if self.retrieval is not None else None
+        data["failures"] = self.failures
+        data["passed"] = not self.failures
+        return data
+
+
+def write_validation_json(path: Path, report: ValidationReport, force: bool = False) -> None:
+    with atomic_file(Path(path), force=force) as tmp:
+        tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def raise_for_failures(report: ValidationReport) -> None:
+    if report.failures:
+        raise ValidationFailed(f"validation failed: {'; '.join(report.failures)}")
+
+
+# -- the whole run --
+
+def validate(
+    model_dir: Path,
+    scales_path: Path,
+    ggufs: Sequence[Path] = (),
+    base_ggufs: Sequence[Path] = (),
+    folded: Path | None = None,
+    text: Path | None = None,
+    ctx: int = DEFAULT_CTX,
+    max_kld: float | None = None,
+    task: str | None = None,
+    length: int | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    allow_token_mismatch: bool = False,
+    progress: bool = True,
+    rope: RopeScaling | None = None,
+) -> ValidationReport:
+    """Run every level; the report holds the figures and the failures (nothing is raised for them).
+
+    rope: a context extension the model runs with in every engine; each GGUF must carry it.
+    """
+    model_dir, scales_path = Path(model_dir), Path(scales_path)
+    ggufs, base_ggufs = [Path(g) for g in ggufs], [Path(g) for g in base_ggufs]
+    if ctx < MIN_CTX:
+        raise InputError(f"--ctx must be at least {MIN_CTX} tokens (got {ctx})")
+    if max_kld is not None and not max_kld > 0:
+        raise InputError(f"--max-kld must be > 0 (got {max_kld})")
+    if task is not None and (not length or not samples):
+        raise InputError("--task needs --length and --samples")
+    config = read_config(model_dir)
+    layout = layout_from_config(config, model_dir / "config.json")
+    check_not_folded(config, str(model_dir), force=False, remedy="validate against the original, unfolded model")
+    scales = load_scales(scales_path, layout)
+    if rope is not None:  # a model that cannot take the extension fails now, not after the reference
+        rope = rope.resolved(config, str(model_dir / "config.json"))
+        extend_config(config, rope, str(model_dir / "config.json"))
+    if folded is not None:
+        folded_config = read_config(Path(folded))
+        if rope is not None:
+            extend_config(folded_config, rope, str(Path(folded) / "config.json"))
+
+    if len({g.resolve() for g in [*ggufs, *base_ggufs]}) < len(ggufs) + len(base_ggufs):
+        raise InputError("the same GGUF is listed twice")
+    # Every GGUF is checked to be this model before any logits are computed.
+    infos = {g: read_gguf_info(g) for g in [*ggufs, *base_ggufs]}
+    mismatch = extension_mismatch(scales.metadata.get(ScalesMeta.ROPE_SCALING), rope)
+    warnings = [mismatch] if mismatch else []
+    for g, info in infos.items():
+        check_same_model(info, config, layout, model_dir)
+        check_extension(info, config, rope)
+        warnings += seal_warnings(info, scales if g in ggufs else None)
+
+    runner = HFRunner(model_dir, rope=rope)  # float32, no hooks: scales are attached per pass below
+    tokenizer = runner.tokenizer
+    documents = [read_text_document(text)] if text else [*builtin_documents(), retrieval_document(tokenizer)]
+    if task is not None:
+        from seal_gguf.learn.data import make_cases
+
+        make_cases(tokenizer, task, int(length or 0), 1, seed)  # a bad --length fails now, not after Level 2
+    hf_ids = [list(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in documents]
+    prefix = runner.tokenize("")
+    for g in infos:
+        difference = tokenization_difference(g, tokenizer, documents, hf_ids, prefix)
+        if difference and not allow_token_mismatch:
+            raise ValidationFailed(difference)
+        if difference:
+            warnings.append(f"{difference}; both engines are given transformers' ids")
+    chunks = make_chunks([(d.name, ids) for d, ids in zip(documents, hf_ids, strict=True)], prefix, ctx)
+    if not chunks:
+        raise InputError("the evaluation text is empty after tokenization")
+    vocab = runner.model.get_output_embeddings().weight.shape[0]
+
+    report = ValidationReport(
+        str(model_dir), str(scales_path), scales.sha256, scales.granularity, ctx,
+        [(d.name, len(ids)) for d, ids in zip(documents, hf_ids, strict=True)], len(chunks),
+        rope_scaling=rope.spec() if rope else None, warnings=warnings,
+    )
+    with tempfile.TemporaryDirectory(prefix="seal-validate-") as tmp_name:
+        tmp = Path(tmp_name)
+        scaled = LogitStore(tmp, "reference", chunks, vocab)
+        unscaled = LogitStore(tmp, "base", chunks, vocab) if base_ggufs else None
+        with _bar(chunks, "reference", progress) as bar:
+            for i, chunk in enumerate(chunks):
+                with attach_scales(runner.model, layout, scales.values):
+                    scaled[i] = torch_logits(runner.model, chunk.ids)
+                if unscaled is not None:
+                    unscaled[i] = torch_logits(runner.model, chunk.ids)
+                bar.update(len(chunk.ids))
+        runner.close()
+
+        report.folded = _level1(model_dir, scales_path, scales, folded, chunks, scaled, tmp, progress, warnings,
+                                rope)
+        for g in ggufs:
+            report.ggufs.append(_level2("seal", infos[g], chunks, scaled, vocab, max_kld, progress))
+        for g in base_ggufs if unscaled is not None else []:
+            report.ggufs.append(_level2("base", infos[g], chunks, unscaled, vocab, max_kld, progress))
+
+    if task is not None:
+        from seal_gguf.measure.evaluate import evaluate
+
+        # The hooked reference first: every GGUF, SEAL or base, is paired with it case by case.
+        report.retrieval = evaluate([model_dir, *ggufs, *base_ggufs], task, [int(length or 0)],
+                                    int(samples or 0), seed, scales=scales_path, progress=progress, rope=rope)
+    return report
+
+
+def _level1(model_dir: Path, scales_path: Path, scales: SealScales, folded: Path | None,
+            chunks: Sequence[Chunk], reference: LogitStore, tmp: Path, progress: bool,
+            warnings: list[str], rope: RopeScaling | None) -> FoldedResult:
+    if folded is None:
+        folded_dir = fold_checkpoint(model_dir, scales_path, tmp / "folded", progress=progress).out_dir
+    else:
+        folded_dir = Path(folded)
+        record = read_config(folded_dir).get(CONFIG_FOLD_KEY)
+        if not record:
+            warnings.append(f"{folded_dir} has no {CONFIG_FOLD_KEY} record in config.json: not folded by seal-gguf")
+        elif record.get("scales_sha256") != scales.sha256:
+            warnings.append(f"{folded_dir} records scales sha256 {str(record.get('scales_sha256'))[:12]}..., "
+                            f"the scales file is {str(scales.sha256)[:12]}...")
+    runner = HFRunner(folded_dir, rope=rope)
+    max_diff = max_logit = 0.0
+    try:
+        with _bar(chunks, "folded", progress) as bar:
+            for i, chunk in enumerate(chunks):
+                ref = reference[i]
+                got = torch_logits(runner.model, chunk.ids)
+                if got.shape != ref.shape:
+                    raise InputError(f"{folded_dir}: {got.shape[-1]} logits per token, the model has {ref.shape[-1]}")
+                max_diff = max(max_diff, float(np.abs(got - ref).max()))
+                max_logit = max(max_logit, float(np.abs(ref).max()))
+                bar.update(len(chunk.ids))
+    finally:
+        runner.close()
+    relative = max_diff / max_logit if max_logit else max_diff
+    failures = ([f"max |Δlogit| {max_diff:.3g} is {relative:.2g} of max |logit|, more than {MAX_RELATIVE_LOGIT_DIFF:g}"]
+                if relative > MAX_RELATIVE_LOGIT_DIFF else [])
+    return FoldedResult(str(folded) if folded else "(temporary)", max_diff, max_logit, relative, failures)
+
+
+def _level2(role: str, info: GGUFInfo, chunks: Sequence[Chunk], reference: LogitStore, vocab: int,
+            max_kld: float | None, progress: bool) -> GGUFResult:
+    summary = gguf_stats(Path(info.path), chunks, reference, vocab, progress)
+    limits = limits_for(info.file_type, max_kld)
+    # A base GGUF is context, not the product: its figures are shown, never gated.
+    failures = check_limits(summary, limits) if role == "seal" else []
+    return GGUFResult(role, info, summary, limits, failures)
