@@ -10,6 +10,28 @@ from tiny_models import build_tiny_model
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Test tiers, run in this order: unit (no converter, no llama.cpp, no SmolLM2), engine (tiny models
+# through the real converter and llama.cpp), slow (real models, the demo). A test marked slow or
+# engine keeps its mark; any other test that needs SmolLM2's files (its tokenizer builds every tiny
+# model the converter accepts) or the converter is engine; the rest is unit.
+TIERS = ("unit", "engine", "slow")
+ENGINE_FIXTURES = {"smollm2_gguf", "converter"}
+
+
+def _tier(item: pytest.Item) -> str:
+    marked = [t for t in reversed(TIERS) if item.get_closest_marker(t) is not None]
+    if marked:
+        return marked[0]
+    return "engine" if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())) else "unit"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tiers = {id(item): _tier(item) for item in items}
+    for item in items:
+        item.add_marker(tiers[id(item)])
+    items.sort(key=lambda item: TIERS.index(tiers[id(item)]))  # stable: file order within a tier
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:

@@ -23,7 +23,8 @@ from seal_gguf.model.rope import RopeScaling, transformers_config
 
 class Runner(Protocol):
     name: str
-    n_ctx: int | None  # the context the runner was opened with; None: the model's own limit
+    @property
+    def n_ctx(self) -> int | None: ...  # the context the runner was opened with; None: the model's own limit
 
     def tokenize(self, prompt: str) -> list[int]: ...
 
@@ -112,7 +113,7 @@ class HFRunner:
             with quiet_transformers():
                 self.model = AutoModelForCausalLM.from_pretrained(
                     str(self.path), dtype=torch.float32, use_safetensors=True, **extended
-                ).to(self.device).eval()
+                ).to(self.device).eval()  # type: ignore[arg-type]  # transformers' own stub
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             raise InputError(f"{self.path}: transformers cannot load this model ({first_line(exc)})") from None
         self.hooks = None

@@ -340,7 +340,8 @@ def write_card(gguf: Path, out: Path | None = None, *, validate_json: Path | Non
     # scales files the reports name, wherever they still exist: a relative path is relative to the
     # folder the command ran in, here or (often) the report's own
     named = [(Path(validation[0]["scales"]), validation[1])] if validation and validation[0].get("scales") else []
-    named += [(Path(m["scales"]), retrieval[1]) for m in (retrieval[0]["models"] if retrieval else []) if m.get("scales")]
+    if retrieval is not None:
+        named += [(Path(m["scales"]), retrieval[1]) for m in retrieval[0]["models"] if m.get("scales")]
     candidates = [p for path, report in named for p in (path, Path(report).parent / path)]
     recipe = find_recipe(facts, scales, candidates)
     text = render_card(facts, recipe, validation, retrieval, base_model, license_id)

@@ -116,7 +116,7 @@ class ChatSession:
 
         formatter = Jinja2ChatFormatter(template=self.llm.metadata[CHAT_TEMPLATE_KEY],
                                         eos_token=text(self.llm.token_eos()), bos_token=text(self.llm.token_bos()))
-        result = formatter(messages=self.messages)
+        result = formatter(messages=self.messages)  # type: ignore[arg-type]  # plain role/content dicts
         return list(self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True))
 
     def _prefill(self) -> None:

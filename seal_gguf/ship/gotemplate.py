@@ -94,7 +94,7 @@ def _pipeline(toks: list[tuple[str, str]]) -> Any:
 def parse_go_template(text: str) -> list[Any]:
     """The template as a tree of ("text", s), ("out", expr), ("if", branches, else), ("range", ...), ("set", ...)."""
     root: list[Any] = []
-    stack: list[tuple[str, Any, list[Any]]] = [("root", None, root)]
+    stack: list[tuple[str, Any, Any]] = [("root", None, root)]
     pos, trim_next = 0, False
     for match in ACTION.finditer(text):
         piece = text[pos:match.start()]

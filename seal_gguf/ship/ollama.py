@@ -133,7 +133,7 @@ class JinjaChat:
         from jinja2 import TemplateError
 
         try:
-            prompt = self.formatter(messages=[dict(m) for m in messages]).prompt
+            prompt = self.formatter(messages=[dict(m) for m in messages]).prompt  # type: ignore[misc]
         except (ValueError, TemplateError):
             return None
         bos = self.facts.bos_text
