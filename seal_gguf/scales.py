@@ -104,6 +104,14 @@ def save_scales(
     provenance: dict[str, str] | None = None,
     force: bool = False,
 ) -> None:
+    """Write `values` as a scales file at `path` (atomically; an existing file only with force).
+
+    values: float32-convertible, [num_layers, num_heads] for granularity "head" (SEAL-H) or
+    [num_layers, num_heads, head_dim] for "channel" (SEAL-C); every value finite and > 0, 1.0 the
+    identity (the scale multiplies a head's output before o_proj, arXiv 2501.15225). provenance:
+    extra string metadata (ScalesMeta keys: task, samples, length, lr, ...). Raises ScalesError for
+    a wrong shape or a non-finite / non-positive value, OutputExistsError for an existing path.
+    """
     values = values.detach().to("cpu", torch.float32).contiguous()
     if tuple(values.shape) != expected_shape(layout, granularity):
         raise ScalesError(
@@ -116,7 +124,12 @@ def save_scales(
 
 
 def read_scales(path: Path) -> SealScales:
-    """Read and self-check a scales file (format, metadata, shape, values)."""
+    """Read and self-check a scales file (format, metadata, shape, values), without a model.
+
+    Returns SealScales: .values float32 [L, H] or [L, H, D], .granularity, .model_type, .metadata
+    (all strings), .sha256 of the file. Raises InputError (missing file) or ScalesError (not a
+    safetensors file, not a seal-gguf scales file, a shape that contradicts its metadata, a value
+    that is not finite or not > 0)."""
     path = require_file(Path(path), "scales file")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -168,6 +181,8 @@ def check_against(scales: SealScales, layout: ModelLayout, where: str) -> None:
 
 
 def load_scales(path: Path, layout: ModelLayout) -> SealScales:
+    """read_scales, then check the file against the model's layout (model_type, layers, heads,
+    head_dim); raises ScalesError naming what was expected and what was found."""
     scales = read_scales(path)
     check_against(scales, layout, str(path))
     return scales

@@ -101,6 +101,7 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
 
 def read_config(model_dir: Path) -> dict[str, Any]:
     """config.json of an HF model folder, with clear errors for the usual mistakes."""
+    model_dir = Path(model_dir)
     if not model_dir.exists():
         raise InputError(f"{model_dir}: no such folder")
     if not model_dir.is_dir():
@@ -118,4 +119,8 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
 
 def model_layout(model_dir: Path) -> ModelLayout:
-    return layout_from_config(read_config(model_dir), model_dir / "config.json")
+    """The head layout of the HF model in `model_dir` (from its config.json, no weights read).
+
+    Raises InputError (no folder, no or broken config.json) or ArchitectureError (a model_type
+    seal-gguf does not support, or a layout the config contradicts)."""
+    return layout_from_config(read_config(model_dir), Path(model_dir) / "config.json")
