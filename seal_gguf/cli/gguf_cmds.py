@@ -36,6 +36,8 @@ def fold_gguf_cmd(gguf_file: Path, scales: Path, out_path: Path, force: bool, qu
 
     started = time.monotonic()
     result = fold_gguf(gguf_file, scales, out_path, force=force, progress=not quiet)
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
     for qtype in result.requantized:
         click.echo(f"Note: the {qtype} attn_output tensors were requantized by llama.cpp's quantizer "
                    "(lossy); fold-and-convert from the HF model avoids that", err=True)

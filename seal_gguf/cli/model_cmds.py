@@ -96,6 +96,8 @@ def fold(model_dir: Path, scales: Path, out_dir: Path, force: bool, quiet: bool)
       seal-gguf fold smol/ scales.safetensors -o smol-seal/
     """
     result = fold_checkpoint(model_dir, scales, out_dir, force=force, progress=not quiet)
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
     click.echo(f"Folded {result.layers} o_proj weights into {result.out_dir} "
                f"(largest |weight| {result.max_abs_weight:.4g})")
 

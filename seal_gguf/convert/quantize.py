@@ -13,6 +13,7 @@ import re
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from seal_gguf.errors import EngineError, InputError
+from seal_gguf.errors import EngineError, InputError, ScalesError
 from seal_gguf.fileio import atomic_file, check_output_path, no_room_error, require_file
 
 # llama-quantize's type names -> llama_ftype constants of llama-cpp-python
@@ -202,10 +203,75 @@ def run_quantizer(in_path: Path, out_path: Path, plan: QuantPlan, *, progress: b
         raise EngineError(f"llama.cpp's quantizer failed: {engine_failure(log)}{hint}")
 
 
+def warn_on_stderr(message: str) -> None:
+    """The default way a library step says something the user must know but that is no error."""
+    print(f"Warning: {message}", file=sys.stderr, flush=True)
+
+
+def _non_finite(data: np.ndarray, qtype: Any) -> int:
+    """How many stored values of a tensor are inf or NaN (quantized types: after dequantizing)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return int(data.size - np.count_nonzero(np.isfinite(data)))
+    if qtype == GGMLQuantizationType.BF16:  # exponent bits all ones
+        return int(np.count_nonzero((np.ascontiguousarray(data).view(np.uint16) & 0x7F80) == 0x7F80))
+    return int(np.count_nonzero(~np.isfinite(dequantize(data, qtype))))
+
+
+def check_written_gguf(path: Path, expected_attn_output: str | None = None, folded: bool = False,
+                       warn: Callable[[str], None] | None = None) -> None:
+    """Check a GGUF just written, before it is kept: no inf or NaN in any float tensor or in any
+    attn_output tensor (the folded heads: dequantized whatever their type; a quantized block's fp16
+    scale can overflow too), and each attn_output stored as `expected_attn_output` (a ggml type name,
+    e.g. "q4_k") where one was asked for: llama.cpp silently falls back to another type for rows that
+    are not whole blocks of it, which `warn` is told."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    try:
+        reader = GGUFReader(str(path), "r")
+    except (ValueError, OSError, struct.error) as exc:
+        raise EngineError(f"{path}: the GGUF just written cannot be read back ({exc})") from None
+    floats = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+    fallbacks: dict[str, list[str]] = {}
+    for tensor in reader.tensors:
+        attn_output = re.search(ATTN_OUTPUT_PATTERN, tensor.name) is not None
+        qtype = tensor.tensor_type
+        if attn_output and expected_attn_output and qtype.name.lower() != expected_attn_output.lower():
+            fallbacks.setdefault(qtype.name, []).append(tensor.name)
+        if qtype not in floats and not attn_output:
+            continue
+        bad = _non_finite(tensor.data, qtype)
+        if bad:
+            row = int(tensor.shape[0])
+            why = ""
+            if expected_attn_output and qtype.name.lower() != expected_attn_output.lower():
+                block = GGML_QUANT_SIZES[GGMLQuantizationType[expected_attn_output.upper()]][0]
+                why = (f" (llama.cpp stored it as {qtype.name}, not {expected_attn_output.upper()}: rows of {row} "
+                       f"are not whole blocks of {block})")
+            what = f"{path.name}: {tensor.name} holds {bad} non-finite weights{why}"
+            if folded and attn_output:
+                raise ScalesError(f"{what}: the folded weights leave the range of its type's float16 values; "
+                                  "use --outtype bf16 or f32, or --attn-output-type bf16 or f32")
+            raise InputError(f"{what}; the model's own weights leave the range of {qtype.name}: use --outtype "
+                             "bf16 or f32")
+    if warn is not None:
+        for qtype_name, names in fallbacks.items():
+            row = next(int(t.shape[0]) for t in reader.tensors if t.name == names[0])
+            block = GGML_QUANT_SIZES[GGMLQuantizationType[expected_attn_output.upper()]][0]  # type: ignore[union-attr]
+            warn(f"llama.cpp stored {len(names)} attn_output tensor(s) ({names[0]}{', ...' if len(names) > 1 else ''}) "
+                 f"as {qtype_name}, not the {expected_attn_output.upper()} asked for: their rows of {row} are "  # type: ignore[union-attr]
+                 f"not whole {expected_attn_output.upper()} blocks of {block}")  # type: ignore[union-attr]
+
+
 def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None = None,
              attn_output_type: str | None = None, force: bool = False, progress: bool = True,
-             verbose: bool = False) -> Path:
-    """Quantize a GGUF file (f32, f16 or bf16) with llama.cpp's quantizer; seal.* keys are kept."""
+             verbose: bool = False, warn: Callable[[str], None] | None = warn_on_stderr) -> Path:
+    """Quantize a GGUF file (f32, f16 or bf16) with llama.cpp's quantizer; seal.* keys are kept.
+
+    The result is checked before it is kept (check_written_gguf): no non-finite weights, and `warn` is
+    told when llama.cpp gave attn_output another type than --attn-output-type."""
     in_path, out_path = Path(in_path), Path(out_path)
     plan = check_quant_options(qtype, imatrix, attn_output_type)
     require_file(in_path, "GGUF file")
@@ -218,7 +284,15 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
             run_quantizer(in_path.resolve(), tmp, plan, progress=progress, verbose=verbose)
         except EngineError as exc:  # the quantizer's reason rarely names the file it read
             raise EngineError(f"{in_path}: {exc}") from None
+        check_written_gguf(tmp, plan.attn_output_type, folded=_has_seal_keys(in_path), warn=warn)
     return out_path
+
+
+def _has_seal_keys(path: Path) -> bool:
+    from seal_gguf.constants import GGUFKeys
+    from seal_gguf.gguffile.header import read_metadata
+
+    return GGUFKeys.SCALES_SHA256 in read_metadata(path)
 
 
 def _quantize_here(spec: dict[str, Any]) -> int:

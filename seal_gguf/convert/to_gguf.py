@@ -22,27 +22,36 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 from tqdm import tqdm
 
-from seal_gguf.constants import F16_MAX
+from seal_gguf.constants import F16_MAX, ScalesMeta
 from seal_gguf.convert.quantize import (
     QUANT_TYPES,
     QuantPlan,
     check_quant_options,
+    check_written_gguf,
     engine_failure,
     run_engine,
     run_quantizer,
+    warn_on_stderr,
 )
 from seal_gguf.errors import EngineError, InputError, ScalesError
 from seal_gguf.fileio import atomic_file, check_output_path, no_room_error
 from seal_gguf.fold.hf import max_folded_abs
 from seal_gguf.model.architectures import ModelLayout, layout_from_config, read_config, supported_model_types
-from seal_gguf.model.checkpoint import ShardHeader, check_not_folded, locate_o_proj, read_header, weight_files
+from seal_gguf.model.checkpoint import (
+    ShardHeader,
+    check_base_fingerprint,
+    check_not_folded,
+    locate_o_proj,
+    read_headers,
+    read_tensor,
+)
 from seal_gguf.model.rope import RopeScaling, check_gguf_extension, extend_config, extended_model_dir
 from seal_gguf.scales import SealScales, load_scales
 
@@ -296,29 +305,59 @@ def intermediate_file(out_path: Path, outtype: str) -> Iterator[Path]:
         Path(name).unlink(missing_ok=True)
 
 
+# gguf-py quantizes a tensor whose rows are not whole blocks of the outtype as F16 instead (the
+# converter's "falling back to F16"); block sizes of the types the converter writes.
+CONVERTER_BLOCK = {"q8_0": 32}
+
+
+def stored_attn_output_type(converter_type: str, plan: QuantPlan | None, layout: ModelLayout) -> str | None:
+    """The type the attn_output tensors end up stored in, where it can be known before converting:
+    the converter's outtype, or F16 where it falls back; --attn-output-type (the quantizer's own
+    fallbacks are found in the written file by check_written_gguf); None: chosen by the quantizer."""
+    if plan is not None:
+        return plan.attn_output_type
+    block = CONVERTER_BLOCK.get(converter_type)
+    return "f16" if block and layout.attn_width % block else converter_type
+
+
 def check_f16_range(model_dir: Path, headers: list[ShardHeader], layout: ModelLayout, scales: SealScales,
-                    outtype: str) -> None:
-    """Refuse folds whose o_proj weights would leave float16's range where float16 stores them."""
-    f16_checkpoint = any(entry.dtype == "F16" for _, entry in locate_o_proj(headers, layout).values())
-    if outtype != "f16" and not f16_checkpoint:
+                    converter_type: str, plan: QuantPlan | None) -> None:
+    """Refuse folds whose o_proj weights would leave float16's range where float16 stores them: the
+    converter's f16 (or its F16 fallback for rows that are not whole blocks), an f16 intermediate
+    before quantizing, or --attn-output-type f16."""
+    stored = stored_attn_output_type(converter_type, plan, layout)
+    where = {stored: None}
+    if stored == "f16":
+        if plan is not None:
+            where[stored] = "--attn-output-type f16"
+        elif converter_type == "f16":
+            where[stored] = "--outtype f16"
+        else:
+            where[stored] = (f"the converter's F16 fallback for attn_output (its rows of {layout.attn_width} are not "
+                             f"whole {converter_type.upper()} blocks of {CONVERTER_BLOCK[converter_type]})")
+    elif plan is not None and converter_type == "f16":
+        where[stored] = "the float16 intermediate this float16 checkpoint is quantized from"
+    if where[stored] is None:
         return
     peak = max_folded_abs(model_dir, layout, scales)
     if peak > F16_MAX:
-        where = "this float16 checkpoint" if f16_checkpoint else "--outtype f16"
         raise ScalesError(f"folded o_proj weights reach |w| = {peak:.6g}, beyond float16's range "
-                          f"({F16_MAX:g}) used by {where}; use --outtype bf16 (or f32)"
-                          + (" from a bfloat16 or float32 checkpoint" if f16_checkpoint else ""))
+                          f"({F16_MAX:g}) used by {where[stored]}; use --outtype bf16 or f32"
+                          + (" from a bfloat16 or float32 checkpoint" if converter_type == "f16" and plan else "")
+                          + (", or --attn-output-type bf16 or f32" if plan is None and converter_type != "f16" else ""))
 
 
 def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", scales: Path | None = None, *,
             imatrix: Path | None = None, attn_output_type: str | None = None, llama_cpp: Path | None = None,
             rope: RopeScaling | None = None, force: bool = False, verbose: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, warn: Callable[[str], None] | None = warn_on_stderr) -> Path:
     """Convert an HF model folder to GGUF; with scales, fold them into o_proj during conversion.
 
     scales=None is the plain baseline through the same converter. rope extends the context: the
     converter reads the extended config.json (seal_gguf.model.rope) and writes the matching GGUF keys,
-    checked here before the file is kept.
+    checked here before the file is kept. The written GGUF is checked for non-finite weights before it
+    is kept, and `warn` is told when llama.cpp stores attn_output in another type than asked for, or
+    when the scales were learned on another checkpoint and --force folds them anyway.
     """
     model_dir, out_path = Path(model_dir), Path(out_path)
     name, plan = output_plan(outtype, imatrix, attn_output_type)
@@ -326,13 +365,19 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", scale
     if rope is not None:
         rope = rope.resolved(config, str(model_dir / "config.json"))
         extend_config(config, rope, str(model_dir / "config.json"))  # refused before any long work
-    headers = [read_header(p) for p in weight_files(model_dir)]
+    headers = read_headers(model_dir)
     converter_type = name if plan is None else lossless_outtype(headers)
     if scales is not None:
         scales = Path(scales)
         layout = layout_from_config(config, model_dir / "config.json")
         check_not_folded(config, str(model_dir), force)
-        check_f16_range(model_dir, headers, layout, load_scales(scales, layout), converter_type)
+        sealed = load_scales(scales, layout)
+        header, entry = locate_o_proj(headers, layout)[0]
+        mismatch = check_base_fingerprint(sealed.metadata.get(ScalesMeta.BASE_FINGERPRINT),
+                                          read_tensor(entry, header.path), scales, model_dir, force)
+        if mismatch and warn is not None:
+            warn(mismatch)
+        check_f16_range(model_dir, headers, layout, sealed, converter_type, plan)
     elif config.get("model_type") in supported_model_types():
         # weights that do not fit config.json would convert into a GGUF llama.cpp cannot load
         locate_o_proj(headers, layout_from_config(config, model_dir / "config.json"))
@@ -343,10 +388,14 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", scale
             run_converter(root, source, tmp, converter_type, scales, progress=progress, verbose=verbose)
             if rope is not None:
                 check_gguf_extension(tmp, config, rope)
+            expected = converter_type if converter_type in CONVERTER_BLOCK else None
+            check_written_gguf(tmp, expected, folded=scales is not None, warn=warn)
         else:
             with intermediate_file(out_path, converter_type) as mid:
                 run_converter(root, source, mid, converter_type, scales, progress=progress, verbose=verbose)
                 if rope is not None:
                     check_gguf_extension(mid, config, rope)
+                check_written_gguf(mid, None, folded=scales is not None)
                 run_quantizer(mid, tmp, plan, progress=progress, verbose=verbose)
+            check_written_gguf(tmp, plan.attn_output_type, folded=scales is not None, warn=warn)
     return out_path

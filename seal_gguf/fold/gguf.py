@@ -30,8 +30,6 @@ from typing import Any, BinaryIO
 import numpy as np
 from gguf import (
     GGML_QUANT_SIZES,
-    MODEL_TENSOR,
-    TENSOR_NAMES,
     GGMLQuantizationType,
     GGUFValueType,
     Keys,
@@ -46,6 +44,7 @@ from seal_gguf.errors import AlreadyFoldedError, ArchitectureError, EngineError,
 from seal_gguf.fileio import atomic_file, check_output_path, require_gguf
 from seal_gguf.gguffile.header import FIXED_HEADER, GGUFHeader, read_gguf_header
 from seal_gguf.model.architectures import ModelLayout, arch_specs
+from seal_gguf.model.checkpoint import check_base_fingerprint
 from seal_gguf.scales import SealScales, check_against, read_scales
 
 # The one seal.* key of this route (it belongs beside the others in constants.GGUFKeys): the sha256
@@ -84,6 +83,7 @@ class FoldGGUFResult:
     types: tuple[str, ...]  # the attn_output tensors' types, e.g. ("Q4_1",)
     requantized: tuple[str, ...]  # those requantized by llama.cpp's quantizer (lossy)
     max_abs_weight: float
+    warnings: tuple[str, ...] = ()
 
 
 # -- reading the input (the header: seal_gguf.gguffile.header) --
@@ -125,23 +125,24 @@ def gguf_layout(header: GGUFHeader, path: Path, model_type: str) -> ModelLayout:
         raise ArchitectureError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(known)}")
     if (_count(header, Keys.Split.LLM_KV_SPLIT_COUNT, path) or 1) > 1:
         raise InputError(f"{path}: one part of a split GGUF; merge the parts first (llama-gguf-split --merge)")
+    model = model_type if model_type in candidates else candidates[0]
+    spec = arch_specs()[model].gguf  # the GGUF-side names, from architectures.json
 
-    def count(key: str) -> int | None:
-        return _count(header, key.format(arch=arch), path)
+    def count(what: str) -> int | None:
+        return _count(header, spec.key(what, arch), path)
 
-    layers, heads = count(Keys.LLM.BLOCK_COUNT), count(Keys.Attention.HEAD_COUNT)
+    layers, heads = count("num_layers"), count("num_heads")
     if layers is None or heads is None:
-        raise InputError(f"{path}: lacks {arch}.block_count or {arch}.attention.head_count")
-    head_dim = count(Keys.Attention.KEY_LENGTH)
+        raise InputError(f"{path}: lacks {spec.key('num_layers', arch)} or {spec.key('num_heads', arch)}")
+    head_dim = count("head_dim")
     if head_dim is None:
-        hidden = count(Keys.LLM.EMBEDDING_LENGTH)
+        hidden = count("hidden_size")
         if hidden is None or hidden % heads:
-            raise InputError(f"{path}: has no {arch}.attention.key_length, and {arch}.embedding_length "
+            raise InputError(f"{path}: has no {spec.key('head_dim', arch)}, and {spec.key('hidden_size', arch)} "
                              f"{hidden} is not a multiple of the {heads} heads")
         head_dim = hidden // heads
-    template = TENSOR_NAMES[MODEL_TENSOR.ATTN_OUT].replace("{bid}", "{layer}")
-    model = model_type if model_type in candidates else candidates[0]
-    return ModelLayout(model, layers, heads, head_dim, template, arch_specs()[model].gguf_architectures)
+    template = spec.o_proj.removesuffix(".weight")  # ModelLayout.o_proj_weight adds it back
+    return ModelLayout(model, layers, heads, head_dim, template, spec.architectures)
 
 
 def attn_output_targets(header: GGUFHeader, layout: ModelLayout, path: Path) -> list[Target]:
@@ -321,6 +322,7 @@ def fold_gguf(in_path: Path, scales_path: Path, out_path: Path, force: bool = Fa
     layout = gguf_layout(header, in_path, scales.model_type)
     check_against(scales, layout, str(scales_path))
     targets = attn_output_targets(header, layout, in_path)
+    warning = check_gguf_fingerprint(in_path, targets[0], scales, scales_path, force)
 
     peak = 0.0
 
@@ -337,4 +339,22 @@ def fold_gguf(in_path: Path, scales_path: Path, out_path: Path, force: bool = Fa
         write_folded(in_path, raw_header, tmp, targets, fold, new_header, progress)
     types = sorted({t.qtype for t in targets})
     return FoldGGUFResult(out_path, layout.num_layers, tuple(t.name for t in types),
-                          tuple(t.name for t in types if t in LLAMA_CPP_TYPES), peak)
+                          tuple(t.name for t in types if t in LLAMA_CPP_TYPES), peak, (warning,) if warning else ())
+
+
+def check_gguf_fingerprint(path: Path, target: Target, scales: SealScales, scales_path: Path,
+                           force: bool) -> str | None:
+    """The scales' base_fingerprint against layer 0's attn_output, where a float GGUF lets it be
+    compared: an F32 GGUF holds any checkpoint's weights exactly (a mismatch is another model: refused
+    without --force); an F16 or BF16 one may be a rounded copy of an f32 checkpoint (a mismatch is a
+    warning); quantized weights cannot be compared."""
+    import torch
+
+    if target.qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        return None
+    with open(path, "rb") as f:
+        f.seek(target.start)
+        raw = f.read(target.n_bytes)
+    weight = dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(target.rows, -1), target.qtype)
+    return check_base_fingerprint(scales.metadata.get(ScalesMeta.BASE_FINGERPRINT), torch.from_numpy(weight),
+                                  scales_path, path, force, certain=target.qtype == GGMLQuantizationType.F32)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from seal_gguf import __version__
-from seal_gguf.constants import CONFIG_FOLD_KEY, F16_MAX
+from seal_gguf.constants import CONFIG_FOLD_KEY, F16_MAX, ScalesMeta
 from seal_gguf.errors import ScalesError
 from seal_gguf.fileio import atomic_dir, check_output_path
 from seal_gguf.model.architectures import ModelLayout, layout_from_config, read_config
@@ -25,11 +25,12 @@ from seal_gguf.model.checkpoint import (
     FOREIGN_WEIGHT_SUFFIXES,
     ShardHeader,
     TensorEntry,
+    check_base_fingerprint,
     check_not_folded,
     locate_o_proj,
-    read_header,
+    read_headers,
+    read_tensor,
     tensor_from_bytes,
-    weight_files,
 )
 from seal_gguf.scales import SealScales, load_scales
 
@@ -41,6 +42,7 @@ class FoldResult:
     out_dir: Path
     layers: int
     max_abs_weight: float
+    warnings: tuple[str, ...] = ()
 
 
 def fold_weight(weight: torch.Tensor, column_scales: torch.Tensor) -> torch.Tensor:
@@ -112,8 +114,10 @@ def fold_checkpoint(
     check_not_folded(config, str(model_dir), force)
     scales = load_scales(scales_path, layout)
     check_output_path(out_dir, force, folder=True, inputs=[model_dir])
-    headers = [read_header(p) for p in weight_files(model_dir)]
+    headers = read_headers(model_dir)
     located = locate_o_proj(headers, layout)
+    warning = check_base_fingerprint(scales.metadata.get(ScalesMeta.BASE_FINGERPRINT),
+                                     read_tensor(located[0][1], located[0][0].path), scales_path, model_dir, force)
     targets: dict[Path, dict[str, torch.Tensor]] = {h.path: {} for h in headers}
     for layer, (header, entry) in located.items():
         targets[header.path][entry.name] = scales.columns(layer, layout.head_dim)
@@ -127,7 +131,7 @@ def fold_checkpoint(
         _copy_side_files(model_dir, tmp, {h.path.name for h in headers})
         config[CONFIG_FOLD_KEY] = fold_record(scales)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return FoldResult(out_dir, layout.num_layers, peak)
+    return FoldResult(out_dir, layout.num_layers, peak, (warning,) if warning else ())
 
 
 def _copy_side_files(model_dir: Path, out: Path, written: set[str]) -> None:
@@ -141,7 +145,7 @@ def _copy_side_files(model_dir: Path, out: Path, written: set[str]) -> None:
 
 def max_folded_abs(model_dir: Path, layout: ModelLayout, scales: SealScales) -> float:
     """Largest |weight| the folded o_proj tensors would hold (for the f16 range check)."""
-    headers = [read_header(p) for p in weight_files(Path(model_dir))]
+    headers = read_headers(Path(model_dir))
     peak = 0.0
     for layer, (header, entry) in locate_o_proj(headers, layout).items():
         with open(header.path, "rb") as f:

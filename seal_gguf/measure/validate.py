@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from seal_gguf.constants import CONFIG_FOLD_KEY, ScalesMeta
@@ -42,6 +43,7 @@ from seal_gguf.measure.identity import (
     tokenization_difference,
 )
 from seal_gguf.measure.kld import (
+    BASE_KLD_FACTOR,
     KLSummary,
     Limits,
     LogitStore,
@@ -59,8 +61,8 @@ from seal_gguf.measure.texts import (
     read_text_document,
     retrieval_document,
 )
-from seal_gguf.model.architectures import layout_from_config, read_config
-from seal_gguf.model.checkpoint import check_not_folded
+from seal_gguf.model.architectures import ModelLayout, layout_from_config, read_config
+from seal_gguf.model.checkpoint import check_not_folded, locate_o_proj, read_headers
 from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.rope import (
     RopeScaling,
@@ -70,8 +72,17 @@ from seal_gguf.model.rope import (
 from seal_gguf.scales import SealScales, load_scales
 
 DEFAULT_CTX = 1024
-# Level 1: max |Δlogit| / max |logit| of the folded checkpoint; float32 rounding stays far below.
+# Level 1: max |Δlogit| / max |logit| of the folded checkpoint. The floor: float32 arithmetic in another
+# order stays far below it. A checkpoint stored in float16 or bfloat16 rounds every folded weight to
+# that type, which costs far more (bf16: ~4e-3 on a tiny llama): the limit is then NOISE_FACTOR times
+# what the same rounding costs the model (rounding_noise), measured on the same chunks.
 MAX_RELATIVE_LOGIT_DIFF = 1e-4
+NOISE_FACTOR = 4.0
+# The rounding noise is measured with o_proj times this constant (not a power of two: that would round
+# nothing), rounded to the stored type, and divided back: the rounding a fold does, with no head
+# mapping in it that a mis-fold could share.
+NOISE_SCALE = 4.0 / 3.0
+STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # -- engines --
 
 def gguf_stats(path: Path, chunks: Sequence[Chunk], store: LogitStore, vocab: int, progress: bool) -> KLSummary:
@@ -107,6 +118,9 @@ class FoldedResult:
     max_abs_logit: float
     relative: float
     failures: list[str]
+    dtype: str = "F32"  # how the folded o_proj weights are stored
+    noise_relative: float = 0.0  # what rounding the model's weights to that dtype costs, same measure
+    limit: float = MAX_RELATIVE_LOGIT_DIFF  # max(MAX_RELATIVE_LOGIT_DIFF, NOISE_FACTOR * noise_relative)
 
 
 @dataclass(frozen=True)
@@ -249,14 +263,18 @@ def validate(
                 if unscaled is not None:
                     unscaled[i] = torch_logits(runner.model, chunk.ids)
                 bar.update(len(chunk.ids))
-        runner.close()
+        dtype = stored_dtype(folded if folded is not None else model_dir, layout)
+        try:
+            noise = rounding_noise(runner.model, layout, scales, dtype, chunks, scaled, progress)
+        finally:
+            runner.close()
 
         report.folded = _level1(model_dir, scales_path, scales, folded, chunks, scaled, tmp, progress, warnings,
-                                rope)
-        for g in ggufs:
-            report.ggufs.append(_level2("seal", infos[g], chunks, scaled, vocab, max_kld, progress))
-        for g in base_ggufs if unscaled is not None else []:
-            report.ggufs.append(_level2("base", infos[g], chunks, unscaled, vocab, max_kld, progress))
+                                rope, dtype, noise)
+        seal_results = [_level2("seal", infos[g], chunks, scaled, vocab, progress) for g in ggufs]
+        base_results = [_level2("base", infos[g], chunks, unscaled, vocab, progress)
+                        for g in (base_ggufs if unscaled is not None else [])]
+        report.ggufs = [gate(r, max_kld, base_results) for r in seal_results] + base_results
 
     if task is not None:
         from seal_gguf.measure.evaluate import evaluate
@@ -267,9 +285,48 @@ def validate(
     return report
 
 
+def stored_dtype(model_dir: Path, layout: ModelLayout) -> str:
+    """The safetensors dtype the (folded) checkpoint stores o_proj in: F32, F16 or BF16."""
+    entries = {entry.dtype for _, entry in locate_o_proj(read_headers(Path(model_dir)), layout).values()}
+    if len(entries) != 1 or next(iter(entries)) not in STORED_DTYPES:
+        raise InputError(f"{model_dir}: o_proj weights stored as {', '.join(sorted(entries))}; validate compares "
+                         "F32, F16 or BF16 checkpoints")
+    return next(iter(entries))
+
+
+def rounding_noise(model: Any, layout: ModelLayout, scales: SealScales, dtype: str, chunks: Sequence[Chunk],
+                   reference: LogitStore, progress: bool) -> float:
+    """max |Δlogit| / max |logit| that storing the model in `dtype` costs a correct fold: every weight
+    rounded to dtype (a no-op for a checkpoint already stored so), each o_proj as a fold rounds it
+    (times NOISE_SCALE, rounded, divided back), then run with the scales' hooks like the reference.
+    Changes the model's weights in place: the caller closes it afterwards."""
+    if dtype == "F32":
+        return 0.0  # the float32 floor MAX_RELATIVE_LOGIT_DIFF covers it
+    target = STORED_DTYPES[dtype]
+    o_proj = {id(model.get_submodule(layout.o_proj_module(layer)).weight) for layer in range(layout.num_layers)}
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.is_floating_point():
+                continue
+            if id(param) in o_proj:
+                param.copy_((param * NOISE_SCALE).to(target).float() / NOISE_SCALE)
+            else:
+                param.copy_(param.to(target).float())
+    max_diff = max_logit = 0.0
+    with _bar(chunks, f"{dtype.lower()} rounding", progress) as bar:
+        for i, chunk in enumerate(chunks):
+            with attach_scales(model, layout, scales.values):
+                got = torch_logits(model, chunk.ids)
+            ref = reference[i]
+            max_diff = max(max_diff, float(np.abs(got - ref).max()))
+            max_logit = max(max_logit, float(np.abs(ref).max()))
+            bar.update(len(chunk.ids))
+    return max_diff / max_logit if max_logit else max_diff
+
+
 def _level1(model_dir: Path, scales_path: Path, scales: SealScales, folded: Path | None,
             chunks: Sequence[Chunk], reference: LogitStore, tmp: Path, progress: bool,
-            warnings: list[str], rope: RopeScaling | None) -> FoldedResult:
+            warnings: list[str], rope: RopeScaling | None, dtype: str = "F32", noise: float = 0.0) -> FoldedResult:
     if folded is None:
         folded_dir = fold_checkpoint(model_dir, scales_path, tmp / "folded", progress=progress).out_dir
     else:
@@ -295,15 +352,27 @@ def _level1(model_dir: Path, scales_path: Path, scales: SealScales, folded: Path
     finally:
         runner.close()
     relative = max_diff / max_logit if max_logit else max_diff
-    failures = ([f"max |Δlogit| {max_diff:.3g} is {relative:.2g} of max |logit|, more than {MAX_RELATIVE_LOGIT_DIFF:g}"]
-                if relative > MAX_RELATIVE_LOGIT_DIFF else [])
-    return FoldedResult(str(folded) if folded else "(temporary)", max_diff, max_logit, relative, failures)
+    limit = max(MAX_RELATIVE_LOGIT_DIFF, NOISE_FACTOR * noise)
+    why = (f" ({NOISE_FACTOR:g} x the {noise:.2g} that rounding the model to {dtype} costs)"
+           if limit > MAX_RELATIVE_LOGIT_DIFF else "")
+    failures = ([f"max |Δlogit| {max_diff:.3g} is {relative:.2g} of max |logit|, more than {limit:.2g}{why}"]
+                if not relative <= limit else [])
+    return FoldedResult(str(folded) if folded else "(temporary)", max_diff, max_logit, relative, failures,
+                        dtype, noise, limit)
 
 
 def _level2(role: str, info: GGUFInfo, chunks: Sequence[Chunk], reference: LogitStore, vocab: int,
-            max_kld: float | None, progress: bool) -> GGUFResult:
+            progress: bool) -> GGUFResult:
     summary = gguf_stats(Path(info.path), chunks, reference, vocab, progress)
-    limits = limits_for(info.file_type, max_kld)
-    # A base GGUF is context, not the product: its figures are shown, never gated.
-    failures = check_limits(summary, limits) if role == "seal" else []
-    return GGUFResult(role, info, summary, limits, failures)
+    return GGUFResult(role, info, summary, Limits(None, False), [])
+
+
+def gate(result: GGUFResult, max_kld: float | None, bases: Sequence[GGUFResult]) -> GGUFResult:
+    """A SEAL GGUF's limits, and its failures. A base GGUF of the same type, given with --base-gguf,
+    calibrates the mean-KLD limit to this model's own figures: a fold is held to what the same type
+    costs the base model (BASE_KLD_FACTOR times), never to less than the type's default."""
+    limits = limits_for(result.info.file_type, max_kld)
+    same_type = [b.summary.mean_kld for b in bases if b.info.file_type == result.info.file_type]
+    if limits.max_mean_kld is not None and same_type:
+        limits = Limits(max(limits.max_mean_kld, BASE_KLD_FACTOR * max(same_type)), limits.exact_top1)
+    return GGUFResult(result.role, result.info, result.summary, limits, check_limits(result.summary, limits))

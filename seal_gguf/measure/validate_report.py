@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from seal_gguf.measure.validate import MAX_RELATIVE_LOGIT_DIFF, GGUFResult, ValidationReport
+from seal_gguf.measure.validate import GGUFResult, ValidationReport
 from seal_gguf.model.rope import parse_rope_scaling
 
 
@@ -33,7 +33,8 @@ def format_report(report: ValidationReport) -> str:
         f = report.folded
         status = "FAIL" if f.failures else "ok"
         out.append(f"Level 1, folded checkpoint {f.path}: max |Δlogit| {f.max_abs_diff:.3g} "
-                   f"(max |logit| {f.max_abs_logit:.3g}, ratio {f.relative:.2g}, limit {MAX_RELATIVE_LOGIT_DIFF:g})"
+                   f"(max |logit| {f.max_abs_logit:.3g}, ratio {f.relative:.2g}, limit {f.limit:.2g}"
+                   + (f": {f.dtype} rounding costs {f.noise_relative:.2g}" if f.noise_relative else "") + ")"
                    f"  {status}")
     if report.ggufs:
         out += ["", "Level 2, GGUF in llama.cpp vs PyTorch on the same tokens "

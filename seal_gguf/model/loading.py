@@ -34,13 +34,57 @@ def load_tokenizer(model: Path) -> Any:
     model = Path(model)
     try:
         if is_gguf(model):
-            return gguf_tokenizer(require_gguf(model))
-        read_config(model)
-        return AutoTokenizer.from_pretrained(str(model))
+            tokenizer = gguf_tokenizer(require_gguf(model))
+        else:
+            read_config(model)
+            tokenizer = AutoTokenizer.from_pretrained(str(model))
     except InputError:
         raise
     except Exception as exc:  # transformers' GGUF reader raises bare struct/index errors on corrupt files
         raise InputError(f"{model}: transformers cannot load its tokenizer ({first_line(exc)})") from None
+    check_tokenizer(tokenizer, model)
+    return tokenizer
+
+
+# Text every task generator and runner turns into tokens: words, digits, punctuation, a newline.
+TOKENIZER_PROBE = "line swift-river: REGISTER_CONTENT is <31452>.\nThe grass is green. The pass key is 7."
+PROBE_MESSAGE = "What is the pass key?"
+
+
+def check_tokenizer(tokenizer: Any, where: object) -> None:
+    """Refuse a tokenizer the generators and runners cannot work with, where it enters (InputError,
+    naming the folder): one that turns text into no tokens (or into the unknown token only), gives ids
+    outside its vocabulary, has special tokens outside it, or a chat template that fails or drops the
+    user's message."""
+    try:
+        vocab = len(tokenizer)
+        ids = list(tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
+    except Exception as exc:  # a tokenizer file that loads but cannot encode
+        raise InputError(f"{where}: its tokenizer cannot encode text ({first_line(exc)})") from None
+    if vocab <= 0:
+        raise InputError(f"{where}: its tokenizer has an empty vocabulary")
+    if not ids:
+        raise InputError(f"{where}: its tokenizer turns text into no tokens (tokenizer.json without a usable "
+                         "vocabulary?); every prompt would be empty: save the model's own tokenizer there")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and all(i == unk for i in ids):
+        raise InputError(f"{where}: its tokenizer turns text into the unknown token only ({tokenizer.unk_token!r}); "
+                         "save the model's own tokenizer there")
+    if any(not 0 <= int(i) < vocab for i in ids):
+        raise InputError(f"{where}: its tokenizer gives token ids outside its vocabulary of {vocab}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int) and not 0 <= value < vocab:
+            raise InputError(f"{where}: its tokenizer's {name} {value} lies outside its vocabulary of {vocab}")
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": PROBE_MESSAGE}], tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=False)
+        except Exception as exc:  # jinja2 errors, or a template that raises on purpose
+            raise InputError(f"{where}: its chat template fails on a user message ({first_line(exc)})") from None
+        if not isinstance(text, str) or PROBE_MESSAGE not in text:
+            raise InputError(f"{where}: its chat template drops the user's message; fix chat_template in "
+                             "tokenizer_config.json (or chat_template.jinja)")
 
 
 @contextmanager
