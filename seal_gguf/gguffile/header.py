@@ -9,13 +9,14 @@ strings are kept only when short (tags, languages), the vocabulary is read on de
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFValueType, Keys
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, Keys
 
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import GGUF_MAGIC
@@ -122,7 +123,24 @@ def parse_header(buf: Any) -> GGUFHeader:
     alignment = GGUF_DEFAULT_ALIGNMENT if entry is None else entry.value
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise ValueError(f"general.alignment is {alignment!r}, not a power of two")
-    return GGUFHeader(kv, tensors, pos + -pos % alignment, alignment)
+    data_offset = pos + -pos % alignment
+    for name, info in tensors.items():  # a truncated file: a tensor's data runs past its end
+        end = data_offset + info.offset + tensor_bytes(info)
+        if end > len(buf):
+            raise ValueError(f"the data of {name} ends at byte {end:,}, the file at {len(buf):,} (truncated?)")
+    return GGUFHeader(kv, tensors, data_offset, alignment)
+
+
+def tensor_bytes(info: Entry) -> int:
+    """The size of a tensor's data: its element count in blocks of its ggml type (gguf-py's table)."""
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(info.raw_type)]
+    except ValueError:
+        raise ValueError(f"unknown ggml type {info.raw_type}") from None
+    count = math.prod(info.dims)
+    if count % block:
+        raise ValueError(f"{count} elements do not fill blocks of {block} (ggml type {info.raw_type})")
+    return count // block * size
 
 
 def read_gguf_header(path: Path) -> tuple[GGUFHeader, bytes]:
