@@ -243,8 +243,10 @@ def write_checkpoint(folder: Path, spec: dict) -> Path:
               "head_dim": spec["head_dim"], "hidden_size": 7}
     (model / "config.json").write_text(json.dumps(config))
     (model / "tokenizer.json").write_text('{"side": "file"}')
-    names = [f"model-{i + 1:05d}-of-{spec['shards']:05d}.safetensors" for i in range(spec["shards"])]
-    for i, name in enumerate(names):
+    # as transformers writes them: every shard holds at least one tensor (an empty one would be a stray file)
+    used = sorted(set(spec["placement"].values())) if spec["shards"] > 1 else [0]
+    names = {i: f"model-{k + 1:05d}-of-{len(used):05d}.safetensors" for k, i in enumerate(used)}
+    for i, name in names.items():
         shard = {k: v for k, v in spec["tensors"].items() if spec["placement"][k] == i}
         save_file(shard, str(model / name), metadata=spec["metadata"] or None)
         reorder_header(model / name, spec["header_order"])
