@@ -16,6 +16,8 @@ class ScalesMeta:
     NUM_LAYERS = "num_layers"
     NUM_HEADS = "num_heads"
     HEAD_DIM = "head_dim"
+    # where the model's o_proj weights are, for llama.cpp's converter (JSON: architectures.converter_layout)
+    LAYOUT = "layout"
     # optional provenance
     TASK = "task"
     SAMPLES = "samples"

@@ -6,6 +6,7 @@ for SEAL-C (granularity "channel"). Every value is finite and > 0; 1.0 is the id
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from seal_gguf.constants import (
 )
 from seal_gguf.errors import ScalesError
 from seal_gguf.fileio import atomic_file, require_file, sha256_file
-from seal_gguf.model.architectures import ModelLayout
+from seal_gguf.model.architectures import ModelLayout, converter_layout
 
 
 @dataclass
@@ -89,6 +90,7 @@ def scales_metadata(layout: ModelLayout, granularity: str, provenance: dict[str,
         ScalesMeta.NUM_LAYERS: str(layout.num_layers),
         ScalesMeta.NUM_HEADS: str(layout.num_heads),
         ScalesMeta.HEAD_DIM: str(layout.head_dim),
+        ScalesMeta.LAYOUT: json.dumps(converter_layout(layout), sort_keys=True),
         ScalesMeta.SEAL_GGUF_VERSION: __version__,
     }
     for key, value in (provenance or {}).items():

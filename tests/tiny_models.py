@@ -42,6 +42,7 @@ def build_tiny_model(
     max_shard_size: str | None = None,
     seed: int = 0,
     spm_tokenizer: bool = False,
+    converter_tokenizer: bool = False,
     **overrides: Any,
 ) -> Path:
     """Save a random model of `model_type` with SmolLM2's tokenizer to out_dir.
@@ -49,6 +50,9 @@ def build_tiny_model(
     spm_tokenizer adds a small SentencePiece tokenizer.model, which llama.cpp's converter prefers
     for qwen2 and phi3: their HF tokenizer classes (chosen from model_type by transformers 5)
     re-tokenize SmolLM2's vocabulary in a way the converter does not recognize.
+
+    converter_tokenizer makes SmolLM2's tokenizer one that llama.cpp's converter accepts for this
+    architecture and that transformers and llama.cpp then apply alike (CONVERTER_TOKENIZER).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -65,7 +69,45 @@ def build_tiny_model(
             shutil.copy2(item, Path(out_dir) / item.name)
     if spm_tokenizer:
         write_spm_tokenizer(Path(out_dir) / "tokenizer.model", tokenizer_dir)
+    if converter_tokenizer and model_type in CONVERTER_TOKENIZER:
+        CONVERTER_TOKENIZER[model_type](Path(out_dir))
     return Path(out_dir)
+
+
+def _edit_json(path: Path, edit: Any) -> None:
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def _gpt2_tokenizer_class(model_dir: Path) -> None:
+    """phi3: transformers 5 loads the tokenizer.json as it is (phi3 is among the model types whose
+    declared tokenizer class it overrides), and the converter takes a BPE vocabulary, checked like
+    llama's, when tokenizer_config.json declares GPT2Tokenizer (as Phi-4 does); otherwise it wants a
+    SentencePiece tokenizer.model."""
+    _edit_json(model_dir / "tokenizer_config.json", lambda c: c.update(tokenizer_class="GPT2Tokenizer"))
+
+
+def _no_merges_into_newlines(model_dir: Path) -> None:
+    """qwen2: transformers 5 always tokenizes qwen2 with Qwen2Tokenizer (Qwen's pre-tokenizer regex),
+    which splits whitespace before a newline differently from SmolLM2's. Without the 25 merges that
+    join a newline to a preceding space or character, the two agree, on the converter's check text
+    too: it recognizes the vocabulary as SmolLM2's, and llama.cpp's SmolLM2 pre-tokenizer gives the
+    same ids as transformers (tests/test_architectures.py checks it on its text)."""
+    import re
+
+    def drop(tokenizer: dict[str, Any]) -> None:
+        merges = tokenizer["model"]["merges"]
+        tokenizer["model"]["merges"] = [m for m in merges if not re.search("[^\u010a\u010d][\u010a\u010d]",
+                                                                            "".join(m))]
+
+    _edit_json(model_dir / "tokenizer.json", drop)
+
+
+# model_type -> the change that makes SmolLM2's tokenizer convert (and match) for it; none needed for the rest
+CONVERTER_TOKENIZER = {"phi3": _gpt2_tokenizer_class, "qwen2": _no_merges_into_newlines}
 
 
 def write_spm_tokenizer(path: Path, tokenizer_dir: Path) -> None:

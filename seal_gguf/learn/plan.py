@@ -105,7 +105,7 @@ def model_shape(model_dir: Path) -> ModelShape:
         layout=layout,
         hidden=_int(config, spec.hidden_size, where),
         intermediate=_int(config, "intermediate_size", where),
-        num_kv_heads=_int(config, "num_key_value_heads", where, default=layout.num_heads),
+        num_kv_heads=_int(config, spec.num_kv_heads, where, default=layout.num_heads),
         vocab=_int(config, "vocab_size", where),
         layer_params=layer_params,
         other_params=counts,

@@ -13,14 +13,42 @@ from seal_gguf.errors import ArchitectureError, InputError
 
 
 @dataclass(frozen=True)
-class ArchSpec:
-    model_type: str
-    o_proj: str  # module path template with {layer}
-    num_layers: str  # config keys
+class GGUFSpec:
+    """How llama.cpp's GGUF of this architecture names o_proj and the head layout."""
+
+    architectures: tuple[str, ...]  # general.architecture values the converter writes for it
+    o_proj: str  # tensor name template with {layer}, e.g. blk.{layer}.attn_output.weight
+    num_layers: str  # metadata keys, with {arch} for the GGUF architecture
     num_heads: str
     head_dim: str
     hidden_size: str
-    gguf_architectures: tuple[str, ...]  # general.architecture values of its GGUFs
+
+    def key(self, what: str, arch: str) -> str:
+        return getattr(self, what).format(arch=arch)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architectures.json entry, with _defaults filled in."""
+
+    model_type: str
+    o_proj: str  # module path template with {layer}
+    converter_o_proj: str  # the o_proj weight's name inside llama.cpp's converter (after its renames)
+    num_layers: str  # config keys
+    num_heads: str
+    num_kv_heads: str
+    head_dim: str
+    hidden_size: str
+    sliding_window: str
+    use_sliding_window: str
+    context: str
+    gguf: GGUFSpec
+    rope_scaling: tuple[str, ...]  # context extensions checked through llama.cpp
+    unsupported_sliding_window: str | None  # why llama.cpp cannot run its sliding window; None: it can
+
+    @property
+    def gguf_architectures(self) -> tuple[str, ...]:
+        return self.gguf.architectures
 
 
 @dataclass(frozen=True)
@@ -54,17 +82,59 @@ class ModelLayout:
         return self.o_proj_module(layer) + ".weight"
 
 
+def _merged(defaults: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """entry over defaults, nested dicts merged key by key."""
+    out = dict(defaults)
+    for key, value in entry.items():
+        out[key] = _merged(defaults[key], value) if isinstance(value, dict) and isinstance(defaults.get(key), dict) \
+            else value
+    return out
+
+
+def _spec(model_type: str, entry: dict[str, Any]) -> ArchSpec:
+    where = f"architectures.json: {model_type}"
+    if "{layer}" not in entry["o_proj"]:
+        raise ValueError(f"{where}: o_proj has no {{layer}} placeholder")
+    gguf = entry["gguf"]
+    if "{layer}" not in gguf["o_proj"] or not gguf.get("architectures"):
+        raise ValueError(f"{where}: gguf needs architectures and an o_proj with a {{layer}} placeholder")
+    return ArchSpec(
+        model_type=model_type,
+        o_proj=entry["o_proj"],
+        converter_o_proj=entry.get("converter_o_proj", entry["o_proj"] + ".weight"),
+        **entry["config"],
+        gguf=GGUFSpec(**{**gguf, "architectures": tuple(gguf["architectures"])}),
+        rope_scaling=tuple(entry["rope_scaling"]),
+        unsupported_sliding_window=entry.get("unsupported_sliding_window"),
+    )
+
+
+@cache
+def _table() -> dict[str, Any]:
+    return json.loads(resources.files(__package__).joinpath("architectures.json").read_text())
+
+
 @cache
 def arch_specs() -> dict[str, ArchSpec]:
-    raw = json.loads(resources.files(__package__).joinpath("architectures.json").read_text())
-    specs: dict[str, ArchSpec] = {}
-    for model_type, entry in raw.items():
-        if model_type.startswith("_"):
-            continue
-        if "{layer}" not in entry["o_proj"]:
-            raise ValueError(f"architectures.json: {model_type}: o_proj has no {{layer}} placeholder")
-        specs[model_type] = ArchSpec(model_type=model_type, **{**entry, "gguf_architectures": tuple(entry["gguf_architectures"])})
-    return specs
+    raw = _table()
+    return {model_type: _spec(model_type, _merged(raw["_defaults"], entry))
+            for model_type, entry in raw.items() if not model_type.startswith("_")}
+
+
+def refused_model_types() -> dict[str, str]:
+    """model_type -> why seal-gguf cannot fold SEAL scales into it."""
+    return dict(_table().get("_refused", {}))
+
+
+def converter_layout(layout: ModelLayout) -> dict[str, Any]:
+    """What llama.cpp's converter, patched by seal-gguf, needs to know to fold scales into this model:
+    the o_proj weight's name there ({layer}: the layer index) and the config.json keys of the head
+    layout (checked against the scales). Stored in the scales file's metadata."""
+    spec = arch_specs().get(layout.model_type)
+    if spec is None:  # a layout made by hand (tests): o_proj as given, nothing to check the config with
+        return {"o_proj": layout.o_proj_template + ".weight", "config": {}}
+    return {"o_proj": spec.converter_o_proj,
+            "config": {"num_layers": spec.num_layers, "num_heads": spec.num_heads}}
 
 
 def supported_model_types() -> list[str]:
@@ -75,6 +145,8 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
     """The head layout of a model, from its config.json contents (`where` names that file in errors)."""
     model_type = config.get("model_type")
     specs = arch_specs()
+    if isinstance(model_type, str) and model_type in refused_model_types():
+        raise ArchitectureError(f"{where}: model_type {model_type!r} is not supported: {refused_model_types()[model_type]}")
     if not isinstance(model_type, str) or model_type not in specs:
         raise ArchitectureError(
             f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
@@ -93,10 +165,22 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
         if not isinstance(hidden, int) or num_heads <= 0 or hidden % num_heads:
             raise InputError(f"{where}: cannot derive head_dim from {spec.hidden_size}={hidden!r}")
         head_dim = hidden // num_heads
+    window = sliding_window(config, spec)
+    if window is not None and spec.unsupported_sliding_window:
+        raise ArchitectureError(f"{where}: this {model_type} model attends within a sliding window of {window} tokens, "
+                                f"shorter than its context; {spec.unsupported_sliding_window}")
     layout = ModelLayout(model_type, num_layers, num_heads, head_dim, spec.o_proj, spec.gguf_architectures)
     if min(layout.num_layers, layout.num_heads, layout.head_dim) <= 0:
         raise InputError(f"{where}: gives a non-positive head layout: {layout}")
     return layout
+
+
+def sliding_window(config: dict[str, Any], spec: ArchSpec) -> int | None:
+    """The model's attention window in tokens when it is shorter than its context; None otherwise."""
+    window, context = config.get(spec.sliding_window), config.get(spec.context)
+    if not isinstance(window, int) or config.get(spec.use_sliding_window) is False:
+        return None
+    return window if not isinstance(context, int) or window < context else None
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
