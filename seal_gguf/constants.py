@@ -30,6 +30,17 @@ class ScalesMeta:
     HELDOUT_BEFORE = "heldout_accuracy_before"
     HELDOUT_AFTER = "heldout_accuracy_after"
     ROPE_SCALING = "rope_scaling"
+    # the training objective (issue 19): tasks may be a comma list; lengths drawn from min_length..length
+    MIN_LENGTH = "min_length"
+    ANCHOR_WEIGHT = "anchor_weight"  # λ of λ·KL(base ‖ SEAL) on anchor text; "0" = the paper's recipe
+    ANCHOR_TEXT = "anchor_text"  # "built-in" or the file's name
+    ANCHOR_WINDOW = "anchor_window"  # tokens per anchor window
+    # what the scales cost on the built-in general (measurement) text, PyTorch, SEAL vs base
+    GENERAL_PPL_RATIO = "general_ppl_ratio"
+    GENERAL_MEAN_KLD = "general_mean_kld"
+    GENERAL_P99_KLD = "general_p99_kld"
+    GENERAL_SAME_TOP = "general_same_top1"
+    GENERAL_TOKENS = "general_tokens"
 
 
 REQUIRED_SCALES_META = (

@@ -12,13 +12,8 @@ import seal_gguf.learn.train as train_module
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import ScalesMeta
 from seal_gguf.learn.data import encode_case, load_cases, make_cases
-from seal_gguf.learn.train import (
-    answer_loss,
-    enable_checkpointing,
-    fit_scales,
-    heldout_accuracy,
-    train_scales,
-)
+from seal_gguf.learn.objective import answer_loss
+from seal_gguf.learn.train import enable_checkpointing, fit_scales, heldout_accuracy, train_scales
 from seal_gguf.model.architectures import model_layout
 from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.loading import load_model, load_tokenizer

@@ -12,8 +12,9 @@ import click
 
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_HEAD
 from seal_gguf.fileio import atomic_file, check_output_path
-from seal_gguf.learn.data import TASKS, load_cases, make_cases, save_cases
+from seal_gguf.learn.data import TASKS, load_cases, make_mixture, parse_tasks, save_cases
 from seal_gguf.learn.measure_step import measure_step
+from seal_gguf.learn.objective import DEFAULT_ANCHOR_WEIGHT, DEFAULT_ANCHOR_WINDOW
 from seal_gguf.learn.plan import (
     DISK,
     Placement,
@@ -24,7 +25,7 @@ from seal_gguf.learn.plan import (
     parse_max_memory,
     place_layers,
 )
-from seal_gguf.learn.train import DEFAULT_LR, train_scales
+from seal_gguf.learn.train import DEFAULT_GENERAL_TOKENS, DEFAULT_LR, train_scales
 from seal_gguf.model.loading import DEVICES, DTYPES, load_tokenizer
 from seal_gguf.model.rope import rope_for_model
 from seal_gguf.scales import save_scales
@@ -41,12 +42,26 @@ def _accuracy(result: tuple[int, int] | None) -> str:
 @click.option("-o", "--output", type=PATH, required=True, help="Scales file to write (.safetensors).")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default=GRANULARITY_HEAD, show_default=True,
               help="head: one scale per head (SEAL-H); channel: one per head channel (SEAL-C).")
-@click.option("--task", type=click.Choice(TASKS), default="lines", show_default=True,
-              help="Generated training task.")
+@click.option("--task", default="lines", show_default=True, metavar="TASK[,TASK...]",
+              help=f"Generated training task, or several interleaved ({', '.join(TASKS)}).")
 @click.option("--samples", type=click.IntRange(min=1), default=50, show_default=True,
               help="Training cases (one epoch, batch 1).")
 @click.option("--length", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Prompt length of each case, in tokens of the model's tokenizer.")
+@click.option("--min-length", type=click.IntRange(min=1), default=None,
+              help="Vary the lengths: each case's drawn uniformly from this to --length (seeded).")
+@click.option("--anchor-weight", type=click.FloatRange(min=0), default=DEFAULT_ANCHOR_WEIGHT, show_default=True,
+              help="λ of the anchor term λ·KL(base ‖ SEAL) on general text, which keeps the model's general "
+                   "ability; 0 trains on the answers alone (the paper's recipe).")
+@click.option("--anchor-text", type=PATH, default=None,
+              help="UTF-8 text file for the anchor term [default: the built-in anchor text].")
+@click.option("--anchor-window", type=click.IntRange(min=2), default=DEFAULT_ANCHOR_WINDOW, show_default=True,
+              help="Tokens of anchor text per training step (windows cycled).")
+@click.option("--cache-teacher", is_flag=True,
+              help="Keep the base model's log-probabilities of each anchor window in RAM (float16) instead of "
+                   "recomputing them.")
+@click.option("--general-tokens", type=click.IntRange(min=0), default=DEFAULT_GENERAL_TOKENS, show_default=True,
+              help="Tokens of the built-in measurement text on which the cost is measured after training (0: skip).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"AdamW learning rate, constant [default: {DEFAULT_LR['head']} head, {DEFAULT_LR['channel']} channel].")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -73,31 +88,39 @@ def _accuracy(result: tuple[int, int] | None) -> str:
 @quiet_option
 @handle_errors
 def train(model_dir: Path, output: Path, granularity: str, task: str, samples: int, length: int,
-          lr: float | None, seed: int, device: str, dtype: str, eval_samples: int, cases_file: Path | None,
+          min_length: int | None, anchor_weight: float, anchor_text: Path | None, anchor_window: int,
+          cache_teacher: bool, general_tokens: int, lr: float | None, seed: int, device: str, dtype: str, eval_samples: int, cases_file: Path | None,
           save_cases_file: Path | None, no_gradient_checkpointing: bool, device_map: str | None,
           max_memory: str | None, rope_scaling: str | None,
           rope_factor: float | None, rope_original_context: int | None, force: bool, quiet: bool) -> None:
     """Learn SEAL scales for an HF model on generated retrieval cases; the model stays frozen.
 
-    Prints held-out accuracy before and after; the scales file records how it was made.
+    By default each step also holds the model close to itself without scales on general text
+    (--anchor-weight): the scales buy retrieval without costing the model its general ability.
+    Prints held-out accuracy before and after, and what the scales cost on general text that
+    training never saw; the scales file records both and how it was made.
 
     \b
     Examples:
       seal-gguf train smol/ -o scales.safetensors
       seal-gguf train smol/ -o scales-c.safetensors --granularity channel --length 2048 --device cuda
+      seal-gguf train smol/ -o scales.safetensors --task lines,kv --min-length 512 --anchor-weight 10
+      seal-gguf train smol/ -o paper.safetensors --anchor-weight 0
       seal-gguf train smol/ -o scales-yarn.safetensors --granularity channel --rope-scaling yarn --rope-factor 2
       seal-gguf train llama-7b/ -o scales.safetensors --length 32768 --dtype bfloat16 --device cuda
       seal-gguf train llama-70b/ -o scales.safetensors --length 16384 --dtype bfloat16 --device-map auto
     """
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
     # refuse existing outputs before the long work, not after it
-    check_output_path(output, force, inputs=[cases_file])
+    check_output_path(output, force, inputs=[cases_file, anchor_text])
     if save_cases_file is not None:
         check_output_path(save_cases_file, force, inputs=[cases_file])
     if cases_file is not None:
         cases = load_cases(cases_file)
     else:
-        cases = make_cases(load_tokenizer(model_dir), task, length, samples, seed, split="train")
+        task = ",".join(parse_tasks(task))
+        cases = make_mixture(load_tokenizer(model_dir), task, length, samples, seed, split="train",
+                             min_length=min_length)
     if save_cases_file is not None:
         save_cases(save_cases_file, cases, force=force)
     result = train_scales(
@@ -105,17 +128,28 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
         device=device, dtype=dtype, gradient_checkpointing=not no_gradient_checkpointing,
         eval_samples=eval_samples, progress=not quiet, cases=cases,
         command=shlex.join(["seal-gguf", *sys.argv[1:]]), rope=rope, device_map=device_map, max_memory=max_memory,
+        min_length=min_length, anchor_weight=anchor_weight, anchor_text=anchor_text, anchor_window=anchor_window,
+        cache_teacher=cache_teacher, general_tokens=general_tokens,
     )
     save_scales(output, result.scales, result.layout, granularity, result.provenance, force=force)
     meta = result.provenance
     window = max(1, min(10, len(result.losses) // 2))
     first, last = (sum(part) / len(part) for part in (result.losses[:window], result.losses[-window:]))
     under = f" under {rope} RoPE scaling" if rope else ""
-    click.echo(f"Trained {granularity} scales on {meta['samples']} {meta['task']} cases of {meta['length']} tokens"
+    lengths = f"{min_length}-{meta['length']}" if min_length and cases_file is None else meta["length"]
+    click.echo(f"Trained {granularity} scales on {meta['samples']} {meta['task']} cases of {lengths} tokens"
                f"{under} ({result.seconds_per_case:.1f} s per case); loss {first:.3f} -> {last:.3f} "
                f"(mean of the first / last {window})")
-    click.echo(f"Held-out accuracy: before {_accuracy(result.heldout_before)}, "
-               f"after {_accuracy(result.heldout_after)}")
+    if result.anchor_kls:
+        kls = result.anchor_kls
+        click.echo(f"Anchor: λ = {anchor_weight:g} on {meta.get('anchor_text')} text, {anchor_window}-token windows; "
+                   f"KL(base ‖ SEAL) on them {sum(kls[:window]) / window:.4f} -> {sum(kls[-window:]) / window:.4f}")
+    line = f"Held-out accuracy: before {_accuracy(result.heldout_before)}, after {_accuracy(result.heldout_after)}"
+    cost = result.general_cost
+    if cost is not None:
+        line += (f"; general text: PPL ×{cost.ppl_ratio:.3f}, mean KLD {cost.mean_kld:.3g}, "
+                 f"same top-1 {100 * cost.same_top:.0f}% ({cost.tokens:,} tokens)")
+    click.echo(line)
     if result.device_map:
         click.echo(f"Device map: {_device_counts(result.device_map)}")
     click.echo(f"Wrote {output}")

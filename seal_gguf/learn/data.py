@@ -1,4 +1,4 @@
-"""Generated retrieval cases: LongEval line retrieval, pass key, needle in a haystack.
+"""Generated retrieval cases: LongEval line retrieval, pass key, needle in a haystack, key-value records.
 
 A case is (prompt, answer). The prompt is the complete text given to the model: the model's chat
 template around the task's message when the tokenizer has one (plain text otherwise), ending with
@@ -11,16 +11,17 @@ text does not already start with it. So the prompt is tokenized WITHOUT adding s
 `len(tokenizer(prompt, add_special_tokens=False).input_ids) == case.length` exactly. llama.cpp
 must tokenize it the same way: `Llama.tokenize(prompt.encode(), add_bos=False, special=True)`.
 The generators reach the length exactly by tokenizing the whole prompt and adjusting: the number
-of lines and then which lines (lines), or how many words of filler (passkey, niah).
+of records and then which records (lines, kv), or how many words of filler (passkey, niah).
 
 Splits. Training and evaluation content never coincide. `split="train"` and `split="eval"` (the
 default) draw from disjoint sources: line ids use the even- / odd-indexed adjectives, pass keys are
-even / odd, niah names and values are made-up words over disjoint consonant sets. Training uses
+even / odd, niah names and values and kv keys are made-up words over disjoint consonant sets. Training uses
 "train"; every evaluation uses "eval".
 
 Determinism. Case i of (task, split, seed) comes from its own random.Random seeded with a string
 (hashed with SHA-512 by Python, independent of PYTHONHASHSEED), so a set of n cases is the same in
-every process and its first m cases equal the set of m cases. No set is ever iterated.
+every process and its first m cases equal the set of m cases. No set is ever iterated. A mixture
+(make_mixture) interleaves the tasks and may vary the lengths, under the same rules.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import atomic_file, require_file
 
-TASKS = ("lines", "passkey", "niah")
+TASKS = ("lines", "passkey", "niah", "kv")
 SPLITS = ("train", "eval")
 
 # -- vocabularies (tuples: fixed order, no hash randomisation) --
@@ -123,6 +124,13 @@ LINES_QUESTION = (
 )
 LINES_PREFIX = "The <REGISTER_CONTENT> in line {id} is"
 LINE_VALUES = (1, 50000)
+KV_HEADER = (
+    "Below is a table of made-up codes, one per row, each with its number. Memorize the number of every "
+    "code: at the end I will ask you for the number of one of them.\n\n"
+)
+KV_QUESTION = "\n\nThat is the whole table. What is the number of the code {id}?"
+KV_PREFIX = "The number of the code {id} is"
+KV_VALUES = (1, 99999)
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there.\n\n"
@@ -146,7 +154,7 @@ _CASE_FIELDS = {"task": str, "prompt": str, "answer": str, "expected": str, "len
 
 @dataclass(frozen=True)
 class Case:
-    task: str  # "lines" | "passkey" | "niah"
+    task: str  # "lines" | "passkey" | "niah" | "kv"
     prompt: str  # full model input (chat template, specials, BOS as text) ending with the answer prefix
     answer: str  # label continuation after the prompt, e.g. " 31452."
     expected: str  # the value to retrieve, e.g. "31452"
@@ -261,18 +269,52 @@ def _too_short(task: str, length: int) -> InputError:
 # -- tasks --
 
 def _lines_case(tokenizer: Any, length: int, depth: float, seed: int, rng: random.Random, split: str) -> Case:
-    """LongEval lines around one queried line. Exact length: the number of lines first, then swaps
-    of single lines for unused ones of another token count, or (short records, rarely) the same
-    line id with a value of another digit count, still within 1..50000."""
+    """LongEval lines around one queried line (see _records_case for the exact length)."""
     adjectives = _split_words(ADJECTIVES, split)
     order = list(range(len(adjectives) * len(NOUNS)))
     rng.shuffle(order)
     # the pool of unused lines, drawn from the end; ids are unique within the case
     pool = [(f"{adjectives[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}", rng.randint(*LINE_VALUES)) for i in order]
+    return _records_case(tokenizer, "lines", length, depth, seed, rng, pool, LINES_RECORDS)
+
+
+def _kv_case(tokenizer: Any, length: int, depth: float, seed: int, rng: random.Random, split: str) -> Case:
+    """Key-value records: made-up keys (two made-up words over the split's consonants) with numbers."""
+    pool: list[tuple[str, int]] = []
+    seen: set[str] = set()  # membership only, never iterated
+    while len(pool) < length // 4 + 128:  # records take more than 4 tokens each
+        key = f"{_made_up_word(rng, split, 2)}-{_made_up_word(rng, split, 2)}"
+        if key not in seen:
+            seen.add(key)
+            pool.append((key, rng.randint(*KV_VALUES)))
+    return _records_case(tokenizer, "kv", length, depth, seed, rng, pool, KV_RECORDS)
+
+
+@dataclass(frozen=True)
+class RecordsFormat:
+    """A task of records (id, number) with one queried id: header, one line per record, question."""
+
+    header: str
+    line: str  # with {id} and {value}
+    question: str  # with {id}
+    prefix: str  # with {id}
+    values: tuple[int, int]
+
+
+LINES_RECORDS = RecordsFormat(LINES_HEADER, "line {id}: REGISTER_CONTENT is <{value}>", LINES_QUESTION,
+                              LINES_PREFIX, LINE_VALUES)
+KV_RECORDS = RecordsFormat(KV_HEADER, "{id} = {value}", KV_QUESTION, KV_PREFIX, KV_VALUES)
+
+
+def _records_case(tokenizer: Any, task: str, length: int, depth: float, seed: int, rng: random.Random,
+                  pool: list[tuple[str, int]], fmt: RecordsFormat) -> Case:
+    """Records around one queried record, drawn from the end of `pool`. Exact length: the number of
+    records first, then swaps of single records for unused ones of another token count, or (short
+    records, rarely) the same id with a value of another digit count, still within fmt.values."""
     costs: dict[tuple[str, int], int] = {}
 
     def line(item: tuple[str, int]) -> str:
-        return f"line {item[0]}: REGISTER_CONTENT is <{item[1]}>"
+        return fmt.line.format(id=item[0], value=item[1])
 
     def cost(item: tuple[str, int]) -> int:
         if item not in costs:
@@ -282,18 +324,18 @@ def _lines_case(tokenizer: Any, length: int, depth: float, seed: int, rng: rando
     def draw(index: int = -1) -> tuple[str, int]:
         if not pool:
             raise InputError(
-                f"lines: {length} tokens needs more distinct line ids than the vocabulary has "
-                f"({len(order)}); use a shorter length"
+                f"{task}: {length} tokens needs more distinct record ids than the vocabulary has; "
+                "use a shorter length"
             )
         return pool.pop(index)
 
     query = draw()
-    question, prefix = LINES_QUESTION.format(id=query[0]), LINES_PREFIX.format(id=query[0])
+    question, prefix = fmt.question.format(id=query[0]), fmt.prefix.format(id=query[0])
 
     def render(others: list[tuple[str, int]]) -> str:
         at = _depth_position(depth, len(others))
         body = "\n".join(line(x) for x in [*others[:at], query, *others[at:]])
-        return wrap_prompt(tokenizer, LINES_HEADER + body + question, prefix)
+        return wrap_prompt(tokenizer, fmt.header + body + question, prefix)
 
     def swap(others: list[tuple[str, int]], gap: int) -> bool:
         """Replace one line so as to close most of the gap without passing it; False if none can."""
@@ -302,7 +344,8 @@ def _lines_case(tokenizer: Any, length: int, depth: float, seed: int, rng: rando
         for revalue in (False, True):
             for j in js:
                 if revalue:
-                    bounds = [(10 ** (d - 1), min(10 ** d - 1, LINE_VALUES[1])) for d in range(1, 6)]
+                    bounds = [(max(10 ** (d - 1), fmt.values[0]), min(10 ** d - 1, fmt.values[1]))
+                              for d in range(1, 6)]
                     candidates = [(others[j][0], rng.randint(lo, hi)) for lo, hi in bounds]
                 else:
                     candidates = pool[-1:-101:-1]
@@ -327,14 +370,14 @@ def _lines_case(tokenizer: Any, length: int, depth: float, seed: int, rng: rando
     per_line = sum(cost(x) for x in pool[-16:]) / 16
     if base + MIN_LINES * per_line > length:
         # a few lines give enough room to adjust the length to the exact token
-        raise InputError(f"lines: {length} tokens is too short; this tokenizer needs at least "
-                         f"{int(base + MIN_LINES * per_line) + 1} for the instructions and {MIN_LINES + 1} lines")
+        raise InputError(f"{task}: {length} tokens is too short; this tokenizer needs at least "
+                         f"{int(base + MIN_LINES * per_line) + 1} for the instructions and {MIN_LINES + 1} records")
     others = [draw() for _ in range(int((length - base) / per_line))]
     overshot = False  # after adding a line past the target, only swaps toward shorter lines remain
     for _ in range(_MAX_FIT_STEPS):
         gap = length - count_tokens(tokenizer, render(others))
         if gap == 0:
-            return Case("lines", render(others), f" {query[1]}.", str(query[1]), length, depth, seed)
+            return Case(task, render(others), f" {query[1]}.", str(query[1]), length, depth, seed)
         if not overshot and gap >= per_line:
             others += [draw() for _ in range(int(gap / per_line))]
         elif not overshot and gap <= -per_line and len(others) > 1:
@@ -345,8 +388,8 @@ def _lines_case(tokenizer: Any, length: int, depth: float, seed: int, rng: rando
             others.append(draw())
             overshot = True
     raise InputError(
-        f"lines: cannot make a prompt of exactly {length} tokens with this tokenizer "
-        "(too few lines to adjust); try a longer length"
+        f"{task}: cannot make a prompt of exactly {length} tokens with this tokenizer "
+        "(too few records to adjust); try a longer length"
     )
 
 
@@ -417,7 +460,7 @@ def _niah_case(tokenizer: Any, length: int, depth: float, seed: int, rng: random
     )
 
 
-_MAKERS = {"lines": _lines_case, "passkey": _passkey_case, "niah": _niah_case}
+_MAKERS = {"lines": _lines_case, "passkey": _passkey_case, "niah": _niah_case, "kv": _kv_case}
 
 
 def make_cases(
@@ -440,10 +483,48 @@ def make_cases(
     ]
 
 
+def parse_tasks(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """"lines,kv" (or a sequence of names) -> ("lines", "kv"): known tasks, each once, in the order given."""
+    names = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else [str(t).strip() for t in spec]
+    if not names or any(not t for t in names):
+        raise InputError(f"tasks: give a comma-separated list of {', '.join(TASKS)}, not {spec!r}")
+    for name in names:
+        if name not in TASKS:
+            raise InputError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    if len(set(names)) != len(names):
+        raise InputError(f"tasks: each task once, not {spec!r}")
+    return tuple(names)
+
+
+def make_mixture(
+    tokenizer: Any, tasks: str | Sequence[str], length: int, n: int, seed: int, split: str = "eval",
+    min_length: int | None = None,
+) -> list[Case]:
+    """n cases of several tasks, interleaved: case i is of tasks[i % k] (k tasks), the j = i // k-th
+    of its task. Without min_length every case has `length` tokens and the cases of one task are
+    make_cases' (the first j + 1 of them); with it, case i's length is drawn uniformly from
+    min_length..length by its own seeded stream, deterministic like everything else here, and
+    the content of each case is drawn as make_cases would draw it for that length."""
+    tasks = parse_tasks(tasks)
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if length <= 0 or n < 0:
+        raise InputError(f"length must be > 0 and n >= 0 (got length={length}, n={n})")
+    if min_length is not None and not 0 < min_length <= length:
+        raise InputError(f"the minimum length must be in 1..{length} (the length), not {min_length}")
+    cases = []
+    for i in range(n):
+        task, j = tasks[i % len(tasks)], i // len(tasks)
+        size = length if min_length is None else _case_rng("length", split, seed, i).randint(min_length, length)
+        depth = round(_case_rng(task + "/depth", split, seed, j).uniform(0.0, 100.0), 1)
+        cases.append(_MAKERS[task](tokenizer, size, depth, seed, _case_rng(task, split, seed, j), split))
+    return cases
+
+
 # -- scoring --
 
 def score_answer(case: Case, output: str) -> bool:
-    """lines / passkey: the first number in the output equals the expected one (thousands commas
+    """lines / passkey / kv: the first number in the output equals the expected one (thousands commas
     allowed). niah: the made-up value appears in the output as a whole word (any case)."""
     text = str(output)
     if case.task == "niah":

@@ -6,6 +6,12 @@ scales toward 0, not toward the identity 1.0); one epoch, batch 1; cross-entropy
 tokens only. The output layer runs only on the answer positions (`logits_to_keep`): with large
 vocabularies it is most of a step's cost. After each step the scales are clamped to MIN_SCALE so
 that they stay positive, as the scales file requires (a scale that small mutes its head anyway).
+
+Beyond the paper (issue 19): by default each step adds the anchor term λ·KL(base ‖ SEAL) on one
+window of general text (seal_gguf.learn.objective), so the scales keep the model's general ability;
+cases may mix tasks and vary in length (seal_gguf.learn.data.make_mixture); and after training the
+cost on the built-in measurement text (never trained on) is measured and recorded beside the
+held-out accuracy.
 """
 
 from __future__ import annotations
@@ -19,14 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from seal_gguf import __version__
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_CHANNEL, GRANULARITY_HEAD, ScalesMeta
 from seal_gguf.errors import InputError, ScalesError
-from seal_gguf.learn.data import Case, encode_case, make_cases, score_answer
+from seal_gguf.learn.data import Case, encode_case, make_mixture, parse_tasks, score_answer
+from seal_gguf.learn.objective import (
+    DEFAULT_ANCHOR_WEIGHT,
+    DEFAULT_ANCHOR_WINDOW,
+    Anchor,
+    AnchorTeacher,
+    answer_loss,
+    kl_base_seal,
+    make_anchor,
+    window_log_probs,
+)
 from seal_gguf.learn.plan import (
     CPU,
     DISK,
@@ -48,6 +63,9 @@ DEFAULT_LR = {GRANULARITY_HEAD: 1e-2, GRANULARITY_CHANNEL: 2e-2}
 MIN_SCALE = 1e-3
 # Greedy decoding for held-out scoring stops this many tokens after the label's length.
 EXTRA_ANSWER_TOKENS = 3
+# Tokens of the built-in general (measurement) text on which the trained scales' cost is measured.
+DEFAULT_GENERAL_TOKENS = 2048
+GENERAL_CTX = 512
 
 
 @dataclass
@@ -61,6 +79,8 @@ class TrainResult:
     seconds_per_case: float
     provenance: dict[str, str] = field(default_factory=dict)
     device_map: dict[str, str] | None = None  # module -> device, when the model was dispatched
+    anchor_kls: list[float] = field(default_factory=list)  # KL(base ‖ SEAL) per step; empty without anchor
+    general_cost: Any = None  # seal_gguf.measure.general.CostSummary after training, or None
 
     @property
     def accuracy_before(self) -> float | None:
@@ -120,19 +140,6 @@ def checkpointed_layers(model: nn.Module) -> Iterator[None]:
 
 # -- loss and decoding --
 
-def answer_loss(model: nn.Module, prompt_ids: Sequence[int], answer_ids: Sequence[int],
-                device: torch.device) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens given the prompt; the prompt itself is not scored.
-
-    The input is prompt + answer[:-1]; the last len(answer) positions predict the answer tokens,
-    and only those positions go through the output layer.
-    """
-    ids = torch.tensor([[*prompt_ids, *answer_ids[:-1]]], device=device)
-    logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(answer_ids)).logits[0]
-    # with a device map the logits come from the last layer's device
-    return F.cross_entropy(logits.float(), torch.tensor(list(answer_ids), device=logits.device))
-
-
 @torch.no_grad()
 def greedy_continuation(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
                         stop_ids: set[int], device: torch.device) -> list[int]:
@@ -169,47 +176,67 @@ def heldout_accuracy(model: nn.Module, tokenizer: Any, cases: Sequence[Case], de
     return correct, len(cases)
 
 
+@dataclass
+class Fit:
+    scales: nn.Parameter  # on the training device
+    losses: list[float]  # answer cross-entropy per case
+    anchor_kls: list[float]  # KL(base ‖ SEAL) per case on its anchor window; empty without anchor
+
+
 def fit_scales(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Sequence[Case], granularity: str,
                lr: float, device: torch.device, gradient_checkpointing: bool, progress: bool,
-               scales: nn.Parameter | None = None) -> tuple[nn.Parameter, list[float]]:
-    """One epoch, batch 1, over `cases`; returns the trained scales (a Parameter on `device`) and
-    the loss of each case. The hooks are attached for the duration only."""
+               scales: nn.Parameter | None = None, anchor: Anchor | None = None) -> Fit:
+    """One epoch, batch 1, over `cases`. With an active anchor, step i minimises answer CE +
+    λ·KL(base ‖ SEAL) on anchor window i (cycled); the base log-probabilities come from the same
+    model with the hooks detached. The hooks are attached for the SEAL passes only."""
     if scales is None:
         scales = nn.Parameter(identity_scales(layout, granularity).to(device))
     optimizer = torch.optim.AdamW([scales], lr=lr, weight_decay=0.0)
+    teacher = AnchorTeacher(anchor, device) if anchor is not None and anchor.active else None
     losses: list[float] = []
+    kls: list[float] = []
     if gradient_checkpointing:
         enable_checkpointing(model)
     bar = tqdm(cases, desc="training", unit="case", disable=not progress)
     layers_mode = checkpointed_layers(model) if gradient_checkpointing else nullcontext()
-    with attach_scales(model, layout, scales), layers_mode:
+    with layers_mode:
         for number, case in enumerate(bar, 1):
             prompt_ids, answer_ids = encode_case(tokenizer, case)
-            loss = answer_loss(model, prompt_ids, answer_ids, device)
-            if not torch.isfinite(loss):
-                raise ScalesError(
-                    f"training diverged: the loss of case {number} is {loss.item()}; "
-                    "try a lower --lr or --dtype float32"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            base_logp = teacher.log_probs(model, number - 1) if teacher is not None else None
+            # the backward pass recomputes checkpointed layers: the hooks stay attached through it
+            with attach_scales(model, layout, scales):
+                loss = answer_loss(model, prompt_ids, answer_ids, device)
+                total = loss
+                if base_logp is not None:
+                    kl = kl_base_seal(base_logp, window_log_probs(model, anchor.window_for(number - 1), device))
+                    total = loss + anchor.weight * kl.to(loss.device)
+                if not torch.isfinite(total):
+                    raise ScalesError(
+                        f"training diverged: the loss of case {number} is {total.item()}; "
+                        "try a lower --lr or --dtype float32"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
             optimizer.step()
             with torch.no_grad():
                 scales.clamp_(min=MIN_SCALE)
             losses.append(loss.item())
+            if base_logp is not None:
+                kls.append(kl.item())
             recent = losses[-10:]
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
-    return scales, losses
+            postfix = {"loss": f"{sum(recent) / len(recent):.3f}"}
+            if kls:
+                postfix["kl"] = f"{sum(kls[-10:]) / len(kls[-10:]):.4f}"
+            bar.set_postfix(postfix)
+    return Fit(scales, losses, kls)
 
 
 # -- the whole run --
 
 def _cases_summary(cases: Sequence[Case]) -> tuple[str, int]:
-    """Task and length of a loaded case set (one task; the longest length)."""
-    tasks = sorted({c.task for c in cases})
-    if len(tasks) != 1:
-        raise InputError(f"training cases mix tasks ({', '.join(tasks)}); use one task per run")
-    return tasks[0], max(c.length for c in cases)
+    """Tasks (comma list, in order of first appearance) and length (the longest) of a loaded case set."""
+    tasks = list(dict.fromkeys(c.task for c in cases))
+    return ",".join(tasks), max(c.length for c in cases)
 
 
 def _fraction(result: tuple[int, int] | None) -> str:
@@ -234,11 +261,24 @@ def train_scales(
     rope: RopeScaling | None = None,
     device_map: str | None = None,
     max_memory: str | None = None,
+    min_length: int | None = None,
+    anchor_weight: float = DEFAULT_ANCHOR_WEIGHT,
+    anchor_text: Path | None = None,
+    anchor_window: int = DEFAULT_ANCHOR_WINDOW,
+    cache_teacher: bool = False,
+    general_tokens: int = DEFAULT_GENERAL_TOKENS,
 ) -> TrainResult:
     """Learn SEAL scales for the model in model_dir. Training cases are generated from the "train"
     split with `seed` unless `cases` are given; held-out cases are fresh "eval" cases of the same
-    task and length with seed + 1, scored before and after training.
+    tasks at the full length with seed + 1, scored before and after training.
 
+    task: one task or a comma list ("lines,kv"): cases interleaved (seal_gguf.learn.data.make_mixture);
+    min_length: lengths drawn uniformly from min_length..length (default: all at length).
+    anchor_weight: λ of the anchor term λ·KL(base ‖ SEAL) on anchor_text (default: the built-in anchor
+    text) in windows of anchor_window tokens; 0 trains on the answers alone (the paper's recipe).
+    cache_teacher: keep the base model's log-probabilities per anchor window instead of recomputing them.
+    general_tokens: after training, measure the cost on this many tokens of the built-in measurement
+    text (seal_gguf.measure.general; 0 skips it) and record it in the provenance.
     rope: learn under this context extension; the scales file records it (ScalesMeta.ROPE_SCALING).
     device_map: "auto" (placed by seal_gguf.learn.plan within max_memory) or a JSON device-map file:
     the layers spread over GPUs, CPU RAM and disk (accelerate's dispatch; `device` is then unused).
@@ -250,19 +290,22 @@ def train_scales(
         raise InputError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
     if eval_samples < 0:
         raise InputError(f"eval samples must be >= 0, not {eval_samples}")
+    if general_tokens < 0:
+        raise InputError(f"general tokens must be >= 0, not {general_tokens}")
     lr = DEFAULT_LR[granularity] if lr is None else lr
     if not lr > 0:
         raise InputError(f"learning rate must be > 0, not {lr}")
     if max_memory and device_map is None:
         raise InputError("--max-memory needs --device-map auto")
     tokenizer = load_tokenizer(model_dir)
+    anchor = make_anchor(tokenizer, anchor_weight, anchor_text, anchor_window, cache_teacher)
     if cases is None:
         if samples < 1:
             raise InputError(f"samples must be >= 1, not {samples}")
-        cases = make_cases(tokenizer, task, length, samples, seed, split="train")
+        cases = make_mixture(tokenizer, task, length, samples, seed, split="train", min_length=min_length)
     else:
         task, length = _cases_summary(cases)
-    heldout = make_cases(tokenizer, task, length, eval_samples, seed + 1, split="eval")
+    heldout = make_mixture(tokenizer, task, length, eval_samples, seed + 1, split="eval")
     dispatch: dict[str, str] | None = None
     if device_map is None:
         torch_device = resolve_device(device)
@@ -273,10 +316,10 @@ def train_scales(
     with tempfile.TemporaryDirectory(prefix="seal-offload-") if dispatch else nullcontext() as offload:
         model, layout = load_model(model_dir, torch_device, dtype, progress, rope, dispatch,
                                    Path(offload) if offload else None)
-        result = _train_loaded(model, layout, tokenizer, cases, heldout, granularity, lr, torch_device,
-                               gradient_checkpointing, progress)
+        result = train_loaded(model, layout, tokenizer, cases, heldout, granularity, lr, torch_device,
+                              gradient_checkpointing, progress, anchor, general_tokens)
     provenance = {
-        ScalesMeta.TASK: task,
+        ScalesMeta.TASK: ",".join(parse_tasks(task)),
         ScalesMeta.SAMPLES: str(len(cases)),
         ScalesMeta.LENGTH: str(length),
         ScalesMeta.LR: repr(lr),
@@ -287,6 +330,9 @@ def train_scales(
         ScalesMeta.HELDOUT_BEFORE: _fraction(result.heldout_before),
         ScalesMeta.HELDOUT_AFTER: _fraction(result.heldout_after),
     }
+    if min_length is not None:
+        provenance[ScalesMeta.MIN_LENGTH] = str(min_length)
+    provenance |= anchor_provenance(anchor) | cost_provenance(result.general_cost)
     if rope is not None:
         provenance[ScalesMeta.ROPE_SCALING] = rope.spec()
     result.provenance = provenance
@@ -294,29 +340,52 @@ def train_scales(
     return result
 
 
-def _train_loaded(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Sequence[Case],
-                  heldout: Sequence[Case], granularity: str, lr: float, torch_device: torch.device,
-                  gradient_checkpointing: bool, progress: bool) -> TrainResult:
-    """Held-out accuracy before, one epoch of training, held-out accuracy after."""
+def anchor_provenance(anchor: Anchor) -> dict[str, str]:
+    if not anchor.active:
+        return {ScalesMeta.ANCHOR_WEIGHT: "0"}
+    return {ScalesMeta.ANCHOR_WEIGHT: repr(anchor.weight), ScalesMeta.ANCHOR_TEXT: anchor.source,
+            ScalesMeta.ANCHOR_WINDOW: str(anchor.window)}
+
+
+def cost_provenance(cost: Any) -> dict[str, str]:
+    if cost is None:
+        return {}
+    return {ScalesMeta.GENERAL_PPL_RATIO: f"{cost.ppl_ratio:.4f}", ScalesMeta.GENERAL_MEAN_KLD: f"{cost.mean_kld:.5f}",
+            ScalesMeta.GENERAL_P99_KLD: f"{cost.p99_kld:.4f}", ScalesMeta.GENERAL_SAME_TOP: f"{cost.same_top:.4f}",
+            ScalesMeta.GENERAL_TOKENS: str(cost.tokens)}
+
+
+def train_loaded(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Sequence[Case],
+                 heldout: Sequence[Case], granularity: str, lr: float, torch_device: torch.device,
+                 gradient_checkpointing: bool, progress: bool, anchor: Anchor | None = None,
+                 general_tokens: int = DEFAULT_GENERAL_TOKENS, score_before: bool = True) -> TrainResult:
+    """Held-out accuracy before (unless score_before is False), one epoch of training, held-out
+    accuracy after, and the cost on `general_tokens` tokens of the measurement text (0: none)."""
+    from seal_gguf.measure.general import cost_pytorch
+
     scales = nn.Parameter(identity_scales(layout, granularity).to(torch_device))
-    before = after = None
-    if heldout:
+    before = after = cost = None
+    if heldout and score_before:
         with attach_scales(model, layout, scales):
             before = heldout_accuracy(model, tokenizer, heldout, torch_device, progress, "held-out before")
     start = time.perf_counter()
-    scales, losses = fit_scales(model, layout, tokenizer, cases, granularity, lr, torch_device,
-                                gradient_checkpointing, progress, scales)
+    fit = fit_scales(model, layout, tokenizer, cases, granularity, lr, torch_device,
+                     gradient_checkpointing, progress, scales, anchor)
     seconds_per_case = (time.perf_counter() - start) / len(cases)
     if heldout:
-        with attach_scales(model, layout, scales):
+        with attach_scales(model, layout, fit.scales):
             after = heldout_accuracy(model, tokenizer, heldout, torch_device, progress, "held-out after")
-
+    if general_tokens:
+        cost = cost_pytorch(model, layout, fit.scales, tokenizer, ctx=GENERAL_CTX, max_tokens=general_tokens,
+                            progress=progress)
     return TrainResult(
-        scales=scales.detach().to("cpu", torch.float32).clone(),
+        scales=fit.scales.detach().to("cpu", torch.float32).clone(),
         layout=layout,
         granularity=granularity,
-        losses=losses,
+        losses=fit.losses,
         heldout_before=before,
         heldout_after=after,
         seconds_per_case=seconds_per_case,
+        anchor_kls=fit.anchor_kls,
+        general_cost=cost,
     )
