@@ -16,18 +16,13 @@ import pytest
 import torch
 
 from seal_gguf.errors import InputError, ScalesError
+from seal_gguf.kld import PositionStats
 from seal_gguf.learn.anchor import anchor_documents, anchor_windows, split_windows
-from seal_gguf.measure.general import (
-    CostSummary,
-    check_same_vocabulary,
-    cost_gguf,
-    cost_pytorch,
-    general_documents,
-)
-from seal_gguf.measure.kld import PositionStats
-from seal_gguf.measure.texts import Document, read_text_document
+from seal_gguf.measure.general import CostSummary, check_same_vocabulary, cost_gguf, cost_pytorch
+from seal_gguf.measure.texts import general_documents
 from seal_gguf.model.loading import load_model, load_tokenizer
 from seal_gguf.scales import expected_shape, identity_scales, save_scales
+from seal_gguf.texts import Document, read_text_document
 
 CTX = 128
 TOKENS = 600  # per PyTorch run: 120 tokens of each built-in document

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from seal_gguf.cli import cli
+from seal_gguf.cli.app import cli
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ROW = re.compile(r"^\| `seal-gguf ([a-z-]+)[ `]", re.M)

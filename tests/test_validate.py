@@ -22,8 +22,7 @@ from seal_gguf.constants import GRANULARITIES
 from seal_gguf.convert.quantize import quantize
 from seal_gguf.convert.to_gguf import convert_to_gguf
 from seal_gguf.gguffile.metadata import file_type_name
-from seal_gguf.measure.identity import first_token_difference
-from seal_gguf.measure.kld import (
+from seal_gguf.kld import (
     KLSummary,
     Limits,
     PositionStats,
@@ -31,9 +30,11 @@ from seal_gguf.measure.kld import (
     limits_for,
     summarize_positions,
 )
-from seal_gguf.measure.texts import builtin_documents, make_chunks
+from seal_gguf.measure.identity import first_token_difference
+from seal_gguf.measure.texts import builtin_documents
 from seal_gguf.model.architectures import model_layout
 from seal_gguf.scales import expected_shape, read_scales, save_scales
+from seal_gguf.texts import make_chunks
 
 ARCHS = ["llama", "qwen2", "gemma3_text"]
 TYPES = ["f32", "f16", "q8_0", "q4_k_m"]

@@ -176,7 +176,7 @@ def check_import(gguf_path: Path, model: Any, dtype: str, metadata: dict[str, An
     on the same CHECK_TOKENS token ids: refused (InputError) when their mean KL divergence exceeds what
     the GGUF's type and the dtype cost."""
     from seal_gguf.gguffile.llama import open_llama
-    from seal_gguf.measure.kld import PositionStats, summarize_positions
+    from seal_gguf.kld import PositionStats, summarize_positions
 
     with open_llama(gguf_path, n_ctx=CHECK_TOKENS + 8) as llm:
         ids = llm.tokenize(CHECK_TEXT.encode("utf-8"), add_bos=True, special=False)[:CHECK_TOKENS]

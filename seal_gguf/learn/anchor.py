@@ -13,13 +13,11 @@ must never be mixed, or the measured cost would be taken on text the scales were
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from seal_gguf.errors import InputError
-from seal_gguf.measure.general import special_prefix
-from seal_gguf.measure.texts import Document, read_text_document
+from seal_gguf.texts import Document, packaged_documents, read_text_document, special_prefix
 
 ANCHOR_FOLDER = "anchortext"
 
@@ -31,9 +29,7 @@ def anchor_documents(text: Path | None = None) -> list[Document]:
     """
     if text is not None:
         return [read_text_document(Path(text))]
-    folder = resources.files(__package__).joinpath(ANCHOR_FOLDER)
-    files = sorted((f for f in folder.iterdir() if f.name.endswith(".txt")), key=lambda f: f.name)
-    return [Document(f.name, f.read_text(encoding="utf-8")) for f in files]
+    return packaged_documents(__package__, ANCHOR_FOLDER)
 
 
 def split_windows(ids: Sequence[int], prefix: Sequence[int], window: int) -> list[list[int]]:

@@ -32,7 +32,6 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -44,32 +43,18 @@ from seal_gguf.errors import InputError, ScalesError
 from seal_gguf.fileio import require_gguf
 from seal_gguf.gguffile.header import read_gguf_header, string_array
 from seal_gguf.gguffile.llama import open_llama
+from seal_gguf.kld import KLSummary, LogitStore, PositionStats, summarize_positions
 from seal_gguf.measure.identity import first_token_difference
-from seal_gguf.measure.kld import KLSummary, LogitStore, PositionStats, summarize_positions
-from seal_gguf.measure.texts import Chunk, Document, make_chunks
+from seal_gguf.measure.texts import general_documents
 from seal_gguf.model.architectures import ModelLayout
 from seal_gguf.model.hooks import attach_scales
+from seal_gguf.texts import Chunk, Document, make_chunks, special_prefix
 
-GENERAL_FOLDER = "generaltext"
 DEFAULT_CTX = 512
 MIN_CTX = 16
 # llama.cpp is opened this small for tokenizing only.
 TOKENIZE_CTX = 16
 TOKENS_KEY = "tokenizer.ggml.tokens"
-
-
-def general_documents() -> list[Document]:
-    """The built-in general text (measure/generaltext), in name order: measurement only, never training."""
-    folder = resources.files(__package__).joinpath(GENERAL_FOLDER)
-    files = sorted((f for f in folder.iterdir() if f.name.endswith(".txt")), key=lambda f: f.name)
-    return [Document(f.name, f.read_text(encoding="utf-8")) for f in files]
-
-
-def special_prefix(tokenizer: Any) -> list[int]:
-    """The tokens a transformers tokenizer puts before any text (its BOS, or nothing)."""
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return list(full[: len(full) - len(bare)]) if list(full[-len(bare):]) == list(bare) else []
 
 
 # -- the figures --

@@ -16,10 +16,10 @@ from seal_gguf.fileio import require_gguf
 from seal_gguf.gguffile.header import read_gguf_header, string_array
 from seal_gguf.gguffile.llama import open_llama
 from seal_gguf.gguffile.metadata import TOKENS_KEY, file_type_name
-from seal_gguf.measure.texts import Document
 from seal_gguf.model.architectures import ModelLayout
 from seal_gguf.model.rope import RopeScaling, expected_gguf_keys
 from seal_gguf.scales import SealScales
+from seal_gguf.texts import Document
 
 MIN_CTX = 16
 

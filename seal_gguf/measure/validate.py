@@ -33,16 +33,7 @@ from seal_gguf.errors import InputError, ValidationFailed
 from seal_gguf.fileio import atomic_file
 from seal_gguf.fold.hf import fold_checkpoint
 from seal_gguf.gguffile.llama import open_llama
-from seal_gguf.measure.identity import (
-    MIN_CTX,
-    GGUFInfo,
-    check_extension,
-    check_same_model,
-    read_gguf_info,
-    seal_warnings,
-    tokenization_difference,
-)
-from seal_gguf.measure.kld import (
+from seal_gguf.kld import (
     BASE_KLD_FACTOR,
     KLSummary,
     Limits,
@@ -53,14 +44,17 @@ from seal_gguf.measure.kld import (
     summarize_positions,
     torch_logits,
 )
-from seal_gguf.measure.runners import HFRunner
-from seal_gguf.measure.texts import (
-    Chunk,
-    builtin_documents,
-    make_chunks,
-    read_text_document,
-    retrieval_document,
+from seal_gguf.measure.identity import (
+    MIN_CTX,
+    GGUFInfo,
+    check_extension,
+    check_same_model,
+    read_gguf_info,
+    seal_warnings,
+    tokenization_difference,
 )
+from seal_gguf.measure.runners import HFRunner
+from seal_gguf.measure.texts import builtin_documents, retrieval_document
 from seal_gguf.model.architectures import ModelLayout, layout_from_config, read_config
 from seal_gguf.model.checkpoint import check_not_folded, locate_o_proj, read_headers
 from seal_gguf.model.hooks import attach_scales
@@ -70,6 +64,7 @@ from seal_gguf.model.rope import (
     extension_mismatch,
 )
 from seal_gguf.scales import SealScales, load_scales
+from seal_gguf.texts import Chunk, make_chunks, read_text_document
 
 DEFAULT_CTX = 1024
 # Level 1: max |Δlogit| / max |logit| of the folded checkpoint. The floor: float32 arithmetic in another

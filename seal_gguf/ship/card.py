@@ -157,7 +157,7 @@ def seal_section(facts: GGUFFacts, recipe: Recipe | None) -> list[str]:
 
 
 def validate_command(report: dict[str, Any], json_name: str) -> str:
-    from seal_gguf.measure.kld import DEFAULT_MAX_MEAN_KLD
+    from seal_gguf.kld import DEFAULT_MAX_MEAN_KLD
 
     ggufs = report["ggufs"]
     words = ["seal-gguf", "validate", Path(report["model_dir"]).name + "/", Path(report["scales"]).name,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from seal_gguf.errors import InputError
-from seal_gguf.measure.texts import Chunk
+from seal_gguf.texts import Chunk
 
 # Mean-KLD limits by GGUF type; other (lower-bit) types are gated only by --max-kld.
 DEFAULT_MAX_MEAN_KLD: dict[str, float] = {"f32": 1e-5, "f16": 1e-3, "bf16": 1e-3, "q8_0": 5e-3}
