@@ -66,9 +66,18 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def rewrite_gguf(src: Path, dst: Path, extra_kv: dict[str, int] | None = None,
-                 drop: Callable[[str], bool] | None = None) -> Path:
-    """A copy of a GGUF with uint32 KV pairs added and/or tensors dropped (written by gguf-py)."""
+def add_kv(src: Path, dst: Path, pairs: dict[str, int]) -> Path:
+    """A copy of a GGUF with uint32 KV pairs added (its header rewritten, its data copied as is)."""
+    from seal_gguf.fold.gguf import kv_pair, output_header
+
+    header, raw = read_gguf_header(src)
+    dst.write_bytes(output_header(header, raw, [kv_pair(k, v) for k, v in pairs.items()])
+                    + src.read_bytes()[header.data_offset:])
+    return dst
+
+
+def drop_tensors(src: Path, dst: Path, drop: Callable[[str], bool]) -> Path:
+    """A copy of a GGUF without the tensors `drop` names (written by gguf-py)."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     reader = GGUFReader(str(src))
@@ -80,19 +89,16 @@ def rewrite_gguf(src: Path, dst: Path, extra_kv: dict[str, int] | None = None,
         vtype = field.types[0]
         if vtype == GGUFValueType.ARRAY:
             sub = field.types[-1]
-            values = [str(bytes(field.parts[i]), "utf-8") if sub == GGUFValueType.STRING else field.parts[i][0]
+            values = [str(bytes(field.parts[i]), "utf-8") if sub == GGUFValueType.STRING else field.parts[i][0].item()
                       for i in field.data]
             writer.add_array(field.name, values)
         elif vtype == GGUFValueType.STRING:
             writer.add_string(field.name, str(bytes(field.parts[-1]), "utf-8"))
         else:
-            writer.add_key_value(field.name, field.parts[-1][0], vtype)
-    for key, value in (extra_kv or {}).items():
-        writer.add_uint32(key, value)
+            writer.add_key_value(field.name, field.parts[-1][0].item(), vtype)
     for tensor in reader.tensors:
-        if drop is not None and drop(tensor.name):
-            continue
-        writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+        if not drop(tensor.name):
+            writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -167,7 +173,7 @@ def test_import_qwen3_head_dim_from_key_length(tokenizer_dir: Path, tmp_path: Pa
 def test_import_split_part_refused(f32_ggufs, tmp_path: Path) -> None:
     """One part of a split GGUF: refused by its split.count and by its -0000k-of-0000n name."""
     gguf = f32_ggufs["llama"]
-    by_key = rewrite_gguf(gguf, tmp_path / "part.gguf", {"split.count": 3, "split.no": 0})
+    by_key = add_kv(gguf, tmp_path / "part.gguf", {"split.count": 3, "split.no": 0})
     assert read_metadata(by_key)["split.count"] == 3
     by_name = tmp_path / "model-00001-of-00003.gguf"
     shutil.copy(gguf, by_name)
@@ -181,7 +187,7 @@ def test_import_split_part_refused(f32_ggufs, tmp_path: Path) -> None:
 @pytest.mark.engine
 def test_import_missing_weights_refused(f32_ggufs, tmp_path: Path) -> None:
     """transformers initialises weights the GGUF lacks at random: refused, nothing written."""
-    partial = rewrite_gguf(f32_ggufs["llama"], tmp_path / "partial.gguf", drop=lambda name: name.startswith("blk.1."))
+    partial = drop_tensors(f32_ggufs["llama"], tmp_path / "partial.gguf", lambda name: name.startswith("blk.1."))
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["import-gguf", str(partial), str(out), "-q"])
     one_line_error(result, "missing from the GGUF")
