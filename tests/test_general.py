@@ -229,3 +229,30 @@ def test_anchor_windows(tokenizer, tmp_path: Path) -> None:
         anchor_windows(tokenizer, 32, [Document("empty", "")])
     with pytest.raises(InputError, match="no such"):
         anchor_documents(tmp_path / "missing.txt")
+
+
+# -- in validate --
+
+@pytest.mark.engine
+def test_validate_reports_the_cost(llama: dict, ggufs: dict[str, Path], tmp_path: Path) -> None:
+    """validate measures the cost hooked vs unhooked and SEAL GGUF vs base GGUF of the same type, and the
+    two engines agree; --general-tokens 0 skips it."""
+    from click.testing import CliRunner
+
+    from seal_gguf.cli import cli
+
+    scales = ggufs["seal"].with_suffix(".safetensors")
+    args = ["validate", str(llama["dir"]), str(scales), str(ggufs["seal"]), "--base-gguf", str(ggufs["base"]),
+            "--ctx", "64", "--general-tokens", "256", "-q", "--json", str(tmp_path / "v.json")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "What SEAL costs on general text" in result.output
+    general = json.loads((tmp_path / "v.json").read_text())["general"]
+    assert [g["engine"] for g in general] == ["pytorch", "llama.cpp"]
+    assert general[1]["file_type"] == "f32" and general[1]["seal"] == ggufs["seal"].name
+    torch_cost, gguf_cost = general[0]["cost"], general[1]["cost"]
+    assert torch_cost["mean_kld"] > 1e-4 and torch_cost["tokens"] >= 200
+    assert gguf_cost["mean_kld"] == pytest.approx(torch_cost["mean_kld"], rel=0.05)
+    assert gguf_cost["ppl_ratio"] == pytest.approx(torch_cost["ppl_ratio"], rel=0.01)
+    result = CliRunner().invoke(cli, [*args[:-2], "--general-tokens", "0"])
+    assert result.exit_code == 0 and "What SEAL costs" not in result.output, result.output

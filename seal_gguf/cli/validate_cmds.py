@@ -8,7 +8,13 @@ import click
 
 from seal_gguf.fileio import check_output_path
 from seal_gguf.learn.data import TASKS
-from seal_gguf.measure.validate import DEFAULT_CTX, raise_for_failures, validate, write_validation_json
+from seal_gguf.measure.validate import (
+    DEFAULT_CTX,
+    GENERAL_TOKENS,
+    raise_for_failures,
+    validate,
+    write_validation_json,
+)
 from seal_gguf.measure.validate_report import format_report
 from seal_gguf.model.rope import rope_for_model
 
@@ -32,6 +38,10 @@ from .app import PATH, cli, handle_errors, quiet_option, rope_options
 @click.option("--length", type=click.IntRange(min=1), help="Level 3: prompt length in tokens.")
 @click.option("--samples", type=click.IntRange(min=1), help="Level 3: number of cases.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Level 3: case seed.")
+@click.option("--general-text", type=PATH,
+              help="UTF-8 text on which SEAL's cost is measured (default: the built-in general text, five genres).")
+@click.option("--general-tokens", type=click.IntRange(min=0), default=GENERAL_TOKENS, show_default=True,
+              help="Tokens of general text for the cost (SEAL vs base, in PyTorch and per GGUF type); 0: skip.")
 @click.option("--allow-token-mismatch", is_flag=True,
               help="Warn instead of failing when llama.cpp tokenizes the text differently (the logits are "
                    "still compared on transformers' ids).")
@@ -42,7 +52,8 @@ from .app import PATH, cli, handle_errors, quiet_option, rope_options
 @handle_errors
 def validate_cmd(model_dir: Path, scales: Path, ggufs: tuple[Path, ...], base_ggufs: tuple[Path, ...],
                  folded: Path | None, text: Path | None, ctx: int, max_kld: float | None, task: str | None,
-                 length: int | None, samples: int | None, seed: int, allow_token_mismatch: bool,
+                 length: int | None, samples: int | None, seed: int, general_text: Path | None,
+                 general_tokens: int, allow_token_mismatch: bool,
                  rope_scaling: str | None, rope_factor: float | None, rope_original_context: int | None,
                  json_out: Path | None, force: bool, quiet: bool) -> None:
     """Check that folded weights and GGUFs compute what the model with hooked scales computes.
@@ -50,6 +61,9 @@ def validate_cmd(model_dir: Path, scales: Path, ggufs: tuple[Path, ...], base_gg
     Level 1: the folded HF checkpoint, max |Δlogit|. Level 2: each GGUF in llama.cpp on the same
     tokens: KL divergence, top-1 agreement, Δp. Level 3 (--task): retrieval accuracy. Exits 1 when a
     limit is exceeded (mean KLD f32 1e-5 and top-1 100%, f16/bf16 1e-3, q8_0 5e-3; others --max-kld).
+    It also reports what SEAL costs on general text: the model with its scales against the model
+    without (perplexity ratio, KL divergence, same top-1), in PyTorch and for each SEAL GGUF against
+    the --base-gguf of its type.
     A GGUF converted with --rope-scaling is validated with the same options: every level then runs
     the extended model, and each GGUF must carry that extension.
 
@@ -64,10 +78,11 @@ def validate_cmd(model_dir: Path, scales: Path, ggufs: tuple[Path, ...], base_gg
     """
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
     if json_out is not None:
-        check_output_path(json_out, force, inputs=[model_dir, scales, *ggufs, *base_ggufs, folded, text])
+        check_output_path(json_out, force, inputs=[model_dir, scales, *ggufs, *base_ggufs, folded, text, general_text])
     report = validate(model_dir, scales, ggufs, base_ggufs, folded=folded, text=text, ctx=ctx, max_kld=max_kld,
                       task=task, length=length, samples=samples, seed=seed,
-                      allow_token_mismatch=allow_token_mismatch, progress=not quiet, rope=rope)
+                      allow_token_mismatch=allow_token_mismatch, progress=not quiet, rope=rope,
+                      general_text=general_text, general_tokens=general_tokens)
     for warning in report.warnings:
         click.echo(f"Warning: {warning}", err=True)
     click.echo(format_report(report))

@@ -129,6 +129,24 @@ def _kld(x: float) -> str:
     return "0" if x == 0 else f"{x:.2g}"
 
 
+@dataclass(frozen=True)
+class GeneralCost:
+    """One SEAL-vs-base comparison on general text, as validate, eval and the card report it."""
+
+    engine: str  # "pytorch" (hooked vs unhooked) or "llama.cpp" (SEAL GGUF vs base GGUF)
+    seal: str  # the SEAL model: a scales file on a folder, or a GGUF
+    base: str  # the model without scales
+    file_type: str  # float32 in PyTorch; the GGUFs' type (f16, q8_0, q4_k_m, ...)
+    cost: CostSummary
+
+
+def pair_by_type(seal: Sequence[tuple[Path, str]], base: Sequence[tuple[Path, str]]) -> list[tuple[Path, Path, str]]:
+    """(SEAL GGUF, base GGUF, type) for each SEAL GGUF that has a base GGUF of its own type: the cost of
+    the scales, not of quantization. Arguments are (path, file type) pairs."""
+    bases = {file_type: path for path, file_type in base}
+    return [(path, bases[file_type], file_type) for path, file_type in seal if file_type in bases]
+
+
 # -- PyTorch: hooked against unhooked --
 
 def cost_pytorch(

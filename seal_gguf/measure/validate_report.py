@@ -40,6 +40,10 @@ def format_report(report: ValidationReport) -> str:
         out += ["", "Level 2, GGUF in llama.cpp vs PyTorch on the same tokens "
                     "(seal: vs the model with scales; base: vs the model without)"]
         out += _grid(_level2_rows(report.ggufs))
+    if report.general:
+        out += ["", "What SEAL costs on general text: the model with its scales vs without (for scale: a base "
+                    "GGUF's mean KLD in Level 2 is what quantization costs)"]
+        out += [f"  {g.engine:9s} {g.file_type:8s} {g.seal} vs {g.base}: {g.cost.describe()}" for g in report.general]
     if report.retrieval is not None:
         from seal_gguf.measure.evaluate import render_table
 
