@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from seal_gguf.errors import InputError, OutputExistsError
 from seal_gguf.learn.data import (
     ADJECTIVES,
+    KV_VALUES,
     LINE_VALUES,
     NOUNS,
     TASKS,
@@ -26,6 +27,8 @@ from seal_gguf.learn.data import (
     encode_case,
     load_cases,
     make_cases,
+    make_mixture,
+    parse_tasks,
     save_cases,
     score_answer,
 )
@@ -58,6 +61,13 @@ def check_label(case: Case) -> None:
         values = [int(v) for v in re.findall(r"REGISTER_CONTENT is <(\d+)>", case.prompt)]
         assert all(LINE_VALUES[0] <= v <= LINE_VALUES[1] for v in values)
         assert case.prompt.endswith(f"The <REGISTER_CONTENT> in line {line_id} is")
+    elif case.task == "kv":
+        key = re.search(r"The number of the code (\S+) is$", case.prompt).group(1)
+        assert re.findall(rf"^{re.escape(key)} = (\d+)$", case.prompt, re.M) == [case.expected]
+        keys = re.findall(r"^([a-z]+-[a-z]+) = \d+$", case.prompt, re.M)
+        assert len(keys) == len(set(keys)) >= 4  # unique keys
+        values = [int(v) for v in re.findall(r"^[a-z]+-[a-z]+ = (\d+)$", case.prompt, re.M)]
+        assert all(KV_VALUES[0] <= v <= KV_VALUES[1] for v in values)
     elif case.task == "passkey":
         assert case.prompt.count(f"The pass key is {case.expected}. Remember it. {case.expected} is the pass key.") == 1
         assert case.prompt.endswith("The pass key is")
@@ -159,12 +169,57 @@ def test_train_and_eval_needles_never_coincide(tokenizer) -> None:
         names = {w for c in niah for w in re.findall(r"[A-Z][a-z]+", c.prompt.rsplit("\n", 1)[-1]) if w != "The"}
         words = {c.expected for c in niah} | names
         ids = {i for c in lines for i in re.findall(r"^line (\S+):", c.prompt, re.M)}
+        kv = make_cases(tokenizer, "kv", 400, 5, seed=0, split=split)
+        ids |= {k for c in kv for k in re.findall(r"^([a-z]+-[a-z]+) = ", c.prompt, re.M)}
         return words, ids, {c.expected for c in keys}
 
     train, evaluation = needles("train"), needles("eval")
     for a, b in zip(train, evaluation, strict=True):
         assert a and b and not a & b
     assert all(int(k) % 2 == 0 for k in train[2]) and all(int(k) % 2 == 1 for k in evaluation[2])
+
+
+def test_mixture_interleaves_the_tasks(tokenizer) -> None:
+    """Case i is of tasks[i % k]; at one length each task's cases are make_cases' own, in order."""
+    mixed = make_mixture(tokenizer, "lines,kv,passkey", 320, 7, seed=3, split="train")
+    assert [c.task for c in mixed] == ["lines", "kv", "passkey", "lines", "kv", "passkey", "lines"]
+    for task in ("lines", "kv", "passkey"):
+        own = [c for c in mixed if c.task == task]
+        assert own == make_cases(tokenizer, task, 320, len(own), seed=3, split="train")
+    assert make_mixture(tokenizer, ["niah"], 300, 2, seed=1) == make_cases(tokenizer, "niah", 300, 2, seed=1)
+    for case in mixed:
+        check_label(case)
+
+
+def test_mixture_varies_lengths_deterministically(tokenizer) -> None:
+    cases = make_mixture(tokenizer, "lines,niah", 600, 8, seed=2, split="train", min_length=300)
+    lengths = [c.length for c in cases]
+    assert all(300 <= n <= 600 for n in lengths) and len(set(lengths)) > 4
+    assert all(prompt_tokens(tokenizer, c) == c.length for c in cases)
+    again = make_mixture(tokenizer, "lines,niah", 600, 5, seed=2, split="train", min_length=300)
+    assert again == cases[:5]  # the first cases do not depend on n
+    assert make_mixture(tokenizer, "lines,niah", 600, 5, seed=3, split="train", min_length=300) != again
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("lines,trivia", "unknown task 'trivia'"), ("lines,,kv", "comma-separated"), ("kv,kv", "each task once"),
+    ("", "comma-separated"),
+])
+def test_parse_tasks_errors(spec: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        parse_tasks(spec)
+
+
+def test_mixture_bad_requests(tokenizer) -> None:
+    assert parse_tasks(" lines , kv") == ("lines", "kv")
+    with pytest.raises(InputError, match="minimum length"):
+        make_mixture(tokenizer, "lines", 500, 2, 0, min_length=600)
+    with pytest.raises(InputError, match="minimum length"):
+        make_mixture(tokenizer, "lines", 500, 2, 0, min_length=0)
+    with pytest.raises(InputError, match="unknown split"):
+        make_mixture(tokenizer, "lines", 500, 2, 0, split="test")
+    with pytest.raises(InputError, match="too short"):
+        make_mixture(tokenizer, "kv", 60, 1, 0)
 
 
 def test_vocabularies() -> None:
@@ -204,6 +259,8 @@ def case_of(task: str, expected: str) -> Case:
         ("lines", "31452", "\ufffd#31452\ufffd", True),
         ("passkey", "68048", "The pass key is 68048. Remember", True),
         ("passkey", "68048", "68049", False),
+        ("kv", "907", " 907.", True),
+        ("kv", "907", " 9070", False),
         ("niah", "kolabi", " kolabi.", True),
         ("niah", "kolabi", ' "Kolabi"', True),
         ("niah", "kolabi", " kolab", False),

@@ -11,8 +11,17 @@ from click.testing import CliRunner
 import seal_gguf.learn.train as train_module
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import ScalesMeta
+from seal_gguf.errors import InputError
 from seal_gguf.learn.data import encode_case, load_cases, make_cases
-from seal_gguf.learn.objective import answer_loss
+from seal_gguf.learn.objective import (
+    BUILTIN_ANCHOR,
+    Anchor,
+    AnchorTeacher,
+    answer_loss,
+    kl_base_seal,
+    make_anchor,
+    window_log_probs,
+)
 from seal_gguf.learn.train import enable_checkpointing, fit_scales, heldout_accuracy, train_scales
 from seal_gguf.model.architectures import model_layout
 from seal_gguf.model.hooks import attach_scales
@@ -87,10 +96,11 @@ def test_a_few_steps_lower_the_loss(loaded, granularity: str) -> None:
             return sum(answer_loss(model, p, a, CPU).item() for p, a in encoded) / len(encoded)
 
     before = mean_loss(identity_scales(layout, granularity))
-    scales, losses = fit_scales(model, layout, tokenizer, cases * 4, granularity, lr=0.05, device=CPU,
-                                gradient_checkpointing=True, progress=False)
+    fit = fit_scales(model, layout, tokenizer, cases * 4, granularity, lr=0.05, device=CPU,
+                     gradient_checkpointing=True, progress=False)
+    scales = fit.scales
     after = mean_loss(scales.detach())
-    assert len(losses) == 12
+    assert len(fit.losses) == 12 and fit.anchor_kls == []
     assert after < before - 0.05, (before, after)
     assert (scales > 0).all() and not torch.equal(scales.detach(), identity_scales(layout, granularity))
 
@@ -102,10 +112,79 @@ def test_heldout_accuracy_scores_generated_text(loaded) -> None:
     assert total == 2 and 0 <= correct <= 2
 
 
+def test_kl_is_zero_at_identity_and_positive_elsewhere(loaded) -> None:
+    model, layout, tokenizer = loaded
+    anchor = make_anchor(tokenizer, 1.0, window=64)
+    assert anchor.source == BUILTIN_ANCHOR and all(len(w) <= 64 for w in anchor.windows) and len(anchor.windows) > 3
+    teacher = AnchorTeacher(anchor, CPU)
+    with torch.no_grad():
+        base = teacher.log_probs(model, 0)
+        with attach_scales(model, layout, identity_scales(layout, "head")):
+            same = kl_base_seal(base, window_log_probs(model, anchor.window_for(0), CPU))
+        with attach_scales(model, layout, identity_scales(layout, "head") * 1.5):
+            moved = kl_base_seal(base, window_log_probs(model, anchor.window_for(0), CPU))
+    assert abs(same.item()) < 1e-5 and moved.item() > 1e-4
+    assert anchor.window_for(len(anchor.windows) + 1) == anchor.windows[1]  # cycled
+
+
+def test_teacher_runs_without_the_hooks(loaded) -> None:
+    """The teacher is the model without scales even when called while training scales exist."""
+    model, layout, tokenizer = loaded
+    anchor = make_anchor(tokenizer, 1.0, window=32)
+    with torch.no_grad():
+        plain = window_log_probs(model, anchor.windows[0], CPU)
+    cached = AnchorTeacher(Anchor(1.0, anchor.windows, "x", 32, cache=True), CPU)
+    first, again = cached.log_probs(model, 0), cached.log_probs(model, 0)
+    assert again is first and first.dtype == torch.float16
+    assert torch.allclose(first.float(), plain, atol=0.02)
+    assert torch.equal(AnchorTeacher(anchor, CPU).log_probs(model, 0), plain)
+
+
+def test_anchor_keeps_the_model_closer_to_itself(loaded) -> None:
+    """Against the same cases and learning rate, a strong anchor ends with a smaller KL on the anchor
+    text and scales nearer the identity than no anchor; caching the teacher changes little."""
+    model, layout, tokenizer = loaded
+    cases = make_cases(tokenizer, "passkey", 160, 3, seed=1, split="train") * 2
+    anchor = make_anchor(tokenizer, 20.0, window=48)
+
+    def run(weight: float, cache: bool = False):
+        a = Anchor(weight, anchor.windows, anchor.source, anchor.window, cache)
+        return fit_scales(model, layout, tokenizer, cases, "channel", lr=0.05, device=CPU,
+                          gradient_checkpointing=True, progress=False, anchor=a)
+
+    def kl_on_anchor(scales: torch.Tensor) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for ids in anchor.windows[:4]:
+                base = window_log_probs(model, ids, CPU)
+                with attach_scales(model, layout, scales):
+                    total += kl_base_seal(base, window_log_probs(model, ids, CPU)).item()
+        return total
+
+    free, held, cached = run(0.0), run(20.0), run(20.0, cache=True)
+    assert free.anchor_kls == [] and len(held.anchor_kls) == len(cases)
+    assert kl_on_anchor(held.scales.detach()) < kl_on_anchor(free.scales.detach())
+    assert (held.scales - 1).abs().mean() < (free.scales - 1).abs().mean()
+    assert torch.allclose(cached.scales, held.scales, atol=1e-3)
+
+
+def test_anchor_errors(loaded, tmp_path: Path) -> None:
+    _, _, tokenizer = loaded
+    with pytest.raises(InputError, match="anchor weight"):
+        make_anchor(tokenizer, -1.0)
+    with pytest.raises(InputError, match="not found|does not exist|no such"):
+        make_anchor(tokenizer, 1.0, text=tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(InputError, match="empty"):
+        make_anchor(tokenizer, 1.0, text=empty)
+    assert make_anchor(tokenizer, 0.0, text=tmp_path / "missing.txt").windows == []  # off: nothing read
+
+
 def test_same_seed_same_scales(llama: Path) -> None:
     def run(seed: int) -> torch.Tensor:
         return train_scales(llama, "head", "lines", samples=3, length=320, lr=0.05, seed=seed, device="cpu",
-                            eval_samples=0, progress=False).scales
+                            eval_samples=0, progress=False, general_tokens=0).scales
 
     first = run(0)
     assert torch.equal(first, run(0))
@@ -145,6 +224,12 @@ def test_cli_train_round_trip(llama: Path, tmp_path: Path) -> None:
     assert len(meta[ScalesMeta.BASE_FINGERPRINT]) == 16 and meta[ScalesMeta.SEAL_GGUF_VERSION]
     assert meta[ScalesMeta.COMMAND].startswith("seal-gguf")
     assert meta[ScalesMeta.HELDOUT_BEFORE].endswith("/1)") and meta[ScalesMeta.HELDOUT_AFTER].endswith("/1)")
+    # the anchor and the cost on the measurement text, recorded and printed
+    assert float(meta[ScalesMeta.ANCHOR_WEIGHT]) == 5.0 and meta[ScalesMeta.ANCHOR_TEXT] == "built-in"
+    assert meta[ScalesMeta.ANCHOR_WINDOW] == "256"
+    assert float(meta[ScalesMeta.GENERAL_PPL_RATIO]) > 0 and float(meta[ScalesMeta.GENERAL_MEAN_KLD]) >= 0
+    assert 0 <= float(meta[ScalesMeta.GENERAL_SAME_TOP]) <= 1 and int(meta[ScalesMeta.GENERAL_TOKENS]) > 1000
+    assert "general text: PPL ×" in result.output and "Anchor: λ = 5 on built-in text" in result.output
     cases = load_cases(cases_file)
     assert len(cases) == 3 and all(c.task == "niah" and c.length == 200 for c in cases)
 
@@ -160,13 +245,44 @@ def test_cli_train_round_trip(llama: Path, tmp_path: Path) -> None:
     assert torch.equal(load_scales(reused, layout).values, scales.values)
 
 
+def test_cli_mixture_and_paper_recipe(llama: Path, tmp_path: Path) -> None:
+    out, cases_file, anchor = tmp_path / "s.safetensors", tmp_path / "cases.jsonl", tmp_path / "anchor.txt"
+    anchor.write_text("Plain words about the weather and the sea. " * 40, encoding="utf-8")
+    result = CliRunner().invoke(cli, [
+        "train", str(llama), "-o", str(out), "--task", "lines,kv", "--samples", "4", "--length", "400",
+        "--min-length", "300", "--lr", "0.05", "--device", "cpu", "--eval-samples", "2", "--anchor-text",
+        str(anchor), "--anchor-window", "64", "--anchor-weight", "2", "--general-tokens", "300",
+        "--save-cases", str(cases_file), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "on 4 lines,kv cases of 300-400 tokens" in result.output
+    meta = load_scales(out, model_layout(llama)).metadata
+    assert meta[ScalesMeta.TASK] == "lines,kv" and meta[ScalesMeta.MIN_LENGTH] == "300"
+    assert meta[ScalesMeta.ANCHOR_TEXT] == "anchor.txt" and meta[ScalesMeta.ANCHOR_WINDOW] == "64"
+    assert int(meta[ScalesMeta.GENERAL_TOKENS]) <= 300
+    cases = load_cases(cases_file)
+    assert [c.task for c in cases] == ["lines", "kv"] * 2 and all(300 <= c.length <= 400 for c in cases)
+    # the paper's recipe: no anchor, and a mixed cases file trains as it is
+    paper = tmp_path / "paper.safetensors"
+    result = CliRunner().invoke(cli, ["train", str(llama), "-o", str(paper), "--cases", str(cases_file),
+                                      "--anchor-weight", "0", "--lr", "0.05", "--device", "cpu",
+                                      "--eval-samples", "0", "--general-tokens", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "Anchor:" not in result.output and "general text" not in result.output
+    meta = load_scales(paper, model_layout(llama)).metadata
+    assert meta[ScalesMeta.ANCHOR_WEIGHT] == "0" and ScalesMeta.GENERAL_PPL_RATIO not in meta
+    assert meta[ScalesMeta.TASK] == "lines,kv" and meta[ScalesMeta.LENGTH] == str(max(c.length for c in cases))
+
+
 def test_cli_errors_are_one_line(llama: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n", encoding="utf-8")
     out = tmp_path / "s.safetensors"
     for args in (["train", str(tmp_path / "missing"), "-o", str(out)],
                  ["train", str(llama), "-o", str(out), "--cases", str(bad)],
-                 ["train", str(llama), "-o", str(out), "--length", "50", "--device", "cpu"]):
+                 ["train", str(llama), "-o", str(out), "--length", "50", "--device", "cpu"],
+                 ["train", str(llama), "-o", str(out), "--task", "lines,trivia"],
+                 ["train", str(llama), "-o", str(out), "--task", "lines", "--min-length", "2000"],
+                 ["train", str(llama), "-o", str(out), "--anchor-text", str(tmp_path / "nope.txt")]):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1, result.output
         assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output

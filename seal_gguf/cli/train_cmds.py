@@ -115,14 +115,15 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
     check_output_path(output, force, inputs=[cases_file, anchor_text])
     if save_cases_file is not None:
         check_output_path(save_cases_file, force, inputs=[cases_file])
+    task = ",".join(parse_tasks(task))
+    cases = None
     if cases_file is not None:
         cases = load_cases(cases_file)
-    else:
-        task = ",".join(parse_tasks(task))
-        cases = make_mixture(load_tokenizer(model_dir), task, length, samples, seed, split="train",
-                             min_length=min_length)
     if save_cases_file is not None:
-        save_cases(save_cases_file, cases, force=force)
+        # the cases train_scales generates (deterministic), written before the long work
+        saved = cases if cases is not None else make_mixture(load_tokenizer(model_dir), task, length, samples, seed,
+                                                             split="train", min_length=min_length)
+        save_cases(save_cases_file, saved, force=force)
     result = train_scales(
         model_dir, granularity=granularity, task=task, samples=samples, length=length, lr=lr, seed=seed,
         device=device, dtype=dtype, gradient_checkpointing=not no_gradient_checkpointing,
