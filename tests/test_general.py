@@ -256,3 +256,27 @@ def test_validate_reports_the_cost(llama: dict, ggufs: dict[str, Path], tmp_path
     assert gguf_cost["ppl_ratio"] == pytest.approx(torch_cost["ppl_ratio"], rel=0.01)
     result = CliRunner().invoke(cli, [*args[:-2], "--general-tokens", "0"])
     assert result.exit_code == 0 and "What SEAL costs" not in result.output, result.output
+
+
+@pytest.mark.engine
+def test_eval_general_pairs_seal_with_base_of_its_type(llama: dict, ggufs: dict[str, Path], tmp_path: Path) -> None:
+    """eval --general: each SEAL GGUF against the base GGUF of its type, and a folder with --scales
+    against itself without; the accuracy table and the cost side by side, in the JSON too."""
+    from click.testing import CliRunner
+
+    from seal_gguf.cli import cli
+
+    scales = ggufs["seal"].with_suffix(".safetensors")
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(cli, ["eval", str(ggufs["base"]), str(ggufs["seal"]), str(llama["dir"]),
+                                      "--scales", str(scales), "--lengths", "256", "--samples", "1", "--general",
+                                      "--general-tokens", "128", "-q", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "What SEAL costs on general text" in result.output
+    general = json.loads(out.read_text())["general"]
+    assert {(g["engine"], g["seal"], g["base"]) for g in general} == {
+        ("llama.cpp", ggufs["seal"].name, ggufs["base"].name),
+        ("pytorch", f"{llama['dir'].name} + {scales.name}", llama["dir"].name)}
+    assert all(g["cost"]["mean_kld"] > 1e-4 for g in general)
+    result = CliRunner().invoke(cli, ["eval", str(ggufs["seal"]), "--general-text", str(scales), "-q"])
+    assert result.exit_code == 2 and "--general-text needs --general" in result.output

@@ -10,6 +10,7 @@ import click
 from seal_gguf.fileio import check_output_path
 from seal_gguf.learn.data import TASKS
 from seal_gguf.measure.evaluate import evaluate, render_table, write_eval_json
+from seal_gguf.measure.general import GENERAL_TOKENS
 from seal_gguf.measure.plots import check_plot_path, plot_report
 from seal_gguf.model.rope import rope_from_options
 from seal_gguf.ship.chat import ChatSession, ContextFull, read_document
@@ -51,6 +52,13 @@ class NumberList(click.ParamType):
 @click.option("--max-tokens", type=int, default=16, show_default=True, help="Answer tokens generated per case.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per model [default: llama.cpp's and PyTorch's own].")
+@click.option("--general", is_flag=True,
+              help="Also measure what SEAL costs on general text (each SEAL GGUF vs the base GGUF of its type; "
+                   "a folder with --scales vs without): perplexity ratio, KL divergence, same top-1.")
+@click.option("--general-text", type=PATH, default=None,
+              help="With --general: your own UTF-8 text [default: the built-in general text, five genres].")
+@click.option("--general-tokens", type=click.IntRange(min=16), default=GENERAL_TOKENS, show_default=True,
+              help="With --general: tokens of general text measured.")
 @click.option("--json", "json_out", type=PATH, default=None, help="Write every case and figure as JSON.")
 @click.option("--plot", "plot_out", type=PATH, default=None, help="Write a plot (.png, .pdf or .svg).")
 @rope_options
@@ -58,7 +66,8 @@ class NumberList(click.ParamType):
 @quiet_option
 @handle_errors
 def eval_cmd(models: tuple[Path, ...], task: str, lengths: list[int], samples: int, depths: list[float] | None,
-             seed: int, scales: Path | None, max_tokens: int, threads: int | None, json_out: Path | None,
+             seed: int, scales: Path | None, max_tokens: int, threads: int | None, general: bool,
+             general_text: Path | None, general_tokens: int, json_out: Path | None,
              plot_out: Path | None, rope_scaling: str | None, rope_factor: float | None,
              rope_original_context: int | None, force: bool, quiet: bool) -> None:
     """Measure retrieval accuracy of GGUFs (llama.cpp) and HF folders (PyTorch) on the same cases.
@@ -66,21 +75,26 @@ def eval_cmd(models: tuple[Path, ...], task: str, lengths: list[int], samples: i
     Every model answers the same generated prompts, greedily. Prints accuracy per model and length
     with a 95% interval, and compares the first model with each other one case by case.
     --rope-scaling extends the context of the HF folders; a GGUF carries its own extension.
+    --general adds the other half of the picture: what the scales cost on ordinary text.
 
     \b
     Examples:
       seal-gguf eval smol.gguf smol-seal-q8_0.gguf --lengths 1024,2048 --samples 20
+      seal-gguf eval smol-f16.gguf smol-seal-f16.gguf --samples 50 --general
       seal-gguf eval smol/ smol-seal-f16.gguf --scales scales.safetensors --json eval.json --plot eval.png
       seal-gguf eval smol-seal-q8_0.gguf --task niah --lengths 1024,4096 --depths 0,50,100 --samples 4
       seal-gguf eval smol/ smol-yarn2.gguf --rope-scaling yarn --rope-factor 2 --lengths 12288 --samples 10
     """
     rope = rope_from_options(rope_scaling, rope_factor, rope_original_context)
     if json_out is not None:
-        check_output_path(json_out, force, inputs=[*models, scales])
+        check_output_path(json_out, force, inputs=[*models, scales, general_text])
+    if general_text is not None and not general:
+        raise click.UsageError("--general-text needs --general")
     if plot_out is not None:
         check_plot_path(plot_out, force)
     report = evaluate(list(models), task, lengths, samples, seed=seed, depths=depths, scales=scales,
-                      progress=not quiet, max_tokens=max_tokens, threads=threads, rope=rope)
+                      progress=not quiet, max_tokens=max_tokens, threads=threads, rope=rope,
+                      general_tokens=general_tokens if general else 0, general_text=general_text)
     click.echo(render_table(report))
     if json_out is not None:
         write_eval_json(json_out, report, force=force)

@@ -20,11 +20,13 @@ from tqdm import tqdm
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import atomic_file, require_gguf
 from seal_gguf.learn.data import TASKS, Case, make_cases, score_answer
+from seal_gguf.measure.general import GeneralCost, describe_costs, general_costs
 from seal_gguf.measure.runners import open_runner
 from seal_gguf.model.architectures import model_layout, read_config
 from seal_gguf.model.loading import load_tokenizer
 from seal_gguf.model.rope import RopeScaling, extend_config
 from seal_gguf.scales import load_scales
+from seal_gguf.texts import read_text_document
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
@@ -96,6 +98,7 @@ class EvalReport:
     accuracy: list[Accuracy] = field(default_factory=list)
     paired: list[Paired] = field(default_factory=list)
     cases: list[CaseResult] = field(default_factory=list)
+    general: list[GeneralCost] = field(default_factory=list)  # with general_tokens: what SEAL costs
 
     def cell(self, model: str, length: int, depth: float | None = None) -> Accuracy:
         for acc in self.accuracy:
@@ -243,11 +246,15 @@ def evaluate(
     device: str = "cpu",
     threads: int | None = None,
     rope: RopeScaling | None = None,
+    general_tokens: int = 0,
+    general_text: Path | None = None,
 ) -> EvalReport:
     """Run every model on the same cases. `scales` is applied (by hooks) to the HF folders only,
     and so is `rope` (a context extension; a GGUF carries its own).
 
     threads: CPU threads per model (None: llama.cpp's and PyTorch's own defaults).
+    general_tokens: also measure what SEAL costs on general text (seal_gguf.measure.general), this
+    many tokens of general_text (default: the built-in general text): gain and cost side by side.
     """
     models = [Path(m) for m in models]
     lengths = sorted(set(int(x) for x in lengths))
@@ -298,6 +305,9 @@ def evaluate(
                 round(seconds_total / count, 4), mismatches, model_rope.spec() if model_rope else None,
             ))
     summarize_report(report)
+    if general_tokens:
+        documents = [read_text_document(Path(general_text))] if general_text else None
+        report.general = general_costs(models, scales, documents, general_tokens, progress=progress)
     return report
 
 
@@ -355,6 +365,8 @@ def render_table(report: EvalReport) -> str:
                 cells.append(f"{p.both}/{p.a_only}/{p.b_only}/{p.neither} p={p.p_value:.3g}")
             rows.append([m.name, *cells])
         out += _grid(header, rows)
+    if report.general:
+        out += ["", "What SEAL costs on general text (SEAL vs base):", *describe_costs(report.general)]
     for m in report.models:
         if m.token_mismatches:
             out.append(f"Note: {m.name} tokenizes {m.token_mismatches} of the prompts to a different length "

@@ -50,7 +50,10 @@ from seal_gguf.model.architectures import ModelLayout
 from seal_gguf.model.hooks import attach_scales
 from seal_gguf.texts import Chunk, Document, make_chunks, special_prefix
 
+# Chunks as llama-perplexity's (the cost is a property of the model at ordinary lengths), and the
+# tokens measured by default: enough for a mean KLD to about ±10% on SmolLM2, seconds on a CPU.
 DEFAULT_CTX = 512
+GENERAL_TOKENS = 2048
 MIN_CTX = 16
 # llama.cpp is opened this small for tokenizing only.
 TOKENIZE_CTX = 16
@@ -145,6 +148,42 @@ def pair_by_type(seal: Sequence[tuple[Path, str]], base: Sequence[tuple[Path, st
     the scales, not of quantization. Arguments are (path, file type) pairs."""
     bases = {file_type: path for path, file_type in base}
     return [(path, bases[file_type], file_type) for path, file_type in seal if file_type in bases]
+
+
+def general_costs(models: Sequence[Path], scales: Path | None, documents: Sequence[Document] | None = None,
+                  max_tokens: int = GENERAL_TOKENS, ctx: int = DEFAULT_CTX, progress: bool = False) -> list[GeneralCost]:
+    """What SEAL costs each SEAL model among `models` (eval's list): an HF folder run with `scales`
+    (hooked vs unhooked, float32 on the CPU), and each GGUF carrying seal.* keys against the GGUF
+    without them of the same file type (SEAL GGUFs without such a base are left out)."""
+    from seal_gguf.gguffile.header import read_metadata
+    from seal_gguf.gguffile.metadata import file_type_name, gguf_seal_metadata
+    from seal_gguf.model.loading import load_model, load_tokenizer
+    from seal_gguf.scales import load_scales
+
+    out: list[GeneralCost] = []
+    seal_ggufs: list[tuple[Path, str]] = []
+    base_ggufs: list[tuple[Path, str]] = []
+    for model in (Path(m) for m in models):
+        if model.is_dir():
+            if scales is None:
+                continue
+            hf, layout = load_model(model, torch.device("cpu"), "float32", progress=False)
+            cost = cost_pytorch(hf, layout, load_scales(Path(scales), layout).values, load_tokenizer(model),
+                                documents, ctx, max_tokens, progress)
+            out.append(GeneralCost("pytorch", f"{model.name} + {Path(scales).name}", model.name, "float32", cost))
+            continue
+        file_type = file_type_name(read_metadata(model).get("general.file_type"))
+        is_seal = any(key != "general.architecture" for key in gguf_seal_metadata(model))
+        (seal_ggufs if is_seal else base_ggufs).append((model, file_type))
+    for seal, base, file_type in pair_by_type(seal_ggufs, base_ggufs):
+        cost = cost_gguf(seal, base, documents, ctx, max_tokens=max_tokens, progress=progress)
+        out.append(GeneralCost("llama.cpp", seal.name, base.name, file_type, cost))
+    return out
+
+
+def describe_costs(costs: Sequence[GeneralCost]) -> list[str]:
+    """Report lines, one per comparison."""
+    return [f"  {c.engine:9s} {c.file_type:8s} {c.seal} vs {c.base}: {c.cost.describe()}" for c in costs]
 
 
 # -- PyTorch: hooked against unhooked --

@@ -44,7 +44,7 @@ from seal_gguf.kld import (
     summarize_positions,
     torch_logits,
 )
-from seal_gguf.measure.general import GeneralCost, cost_gguf, cost_pytorch, pair_by_type
+from seal_gguf.measure import general as general_cost
 from seal_gguf.measure.identity import (
     MIN_CTX,
     GGUFInfo,
@@ -68,10 +68,6 @@ from seal_gguf.scales import SealScales, load_scales
 from seal_gguf.texts import Chunk, make_chunks, read_text_document
 
 DEFAULT_CTX = 1024
-# The general-text cost: tokens measured by default, and the chunk length (the cost is a property of
-# the model at ordinary lengths, as llama-perplexity's 512-token chunks measure it).
-GENERAL_TOKENS = 2048
-GENERAL_CTX = 512
 # Level 1: max |Δlogit| / max |logit| of the folded checkpoint. The floor: float32 arithmetic in another
 # order stays far below it. A checkpoint stored in float16 or bfloat16 rounds every folded weight to
 # that type, which costs far more (bf16: ~4e-3 on a tiny llama): the limit is then NOISE_FACTOR times
@@ -146,7 +142,7 @@ class ValidationReport:
     ggufs: list[GGUFResult] = field(default_factory=list)
     retrieval: Any = None  # evaluate.EvalReport
     warnings: list[str] = field(default_factory=list)
-    general: list[GeneralCost] = field(default_factory=list)  # what SEAL costs on general text
+    general: list[general_cost.GeneralCost] = field(default_factory=list)  # what SEAL costs on general text
 
     @property
     def failures(self) -> list[str]:
@@ -193,7 +189,7 @@ def validate(
     progress: bool = True,
     rope: RopeScaling | None = None,
     general_text: Path | None = None,
-    general_tokens: int = GENERAL_TOKENS,
+    general_tokens: int = general_cost.GENERAL_TOKENS,
 ) -> ValidationReport:
     """Run every level; the report holds the figures and the failures (nothing is raised for them).
 
@@ -213,7 +209,8 @@ def validate(
         raise InputError("--task needs --length and --samples")
     if general_tokens < 0 or 0 < general_tokens < MIN_CTX:
         raise InputError(f"--general-tokens must be 0 (off) or at least {MIN_CTX} (got {general_tokens})")
-    general = ([read_text_document(general_text)] if general_text else general_documents()) if general_tokens else []
+    general_docs = ([read_text_document(general_text)] if general_text else general_documents()) \
+        if general_tokens else []
     config = read_config(model_dir)
     layout = layout_from_config(config, model_dir / "config.json")
     check_not_folded(config, str(model_dir), force=False, remedy="validate against the original, unfolded model")
@@ -273,11 +270,12 @@ def validate(
                 if unscaled is not None:
                     unscaled[i] = torch_logits(runner.model, chunk.ids)
                 bar.update(len(chunk.ids))
-        if general:  # before rounding_noise, which rounds the model's weights in place
-            cost = cost_pytorch(runner.model, layout, scales.values, tokenizer, general, ctx=min(ctx, GENERAL_CTX),
-                                max_tokens=general_tokens, progress=progress)
-            report.general.append(GeneralCost("pytorch", f"{model_dir.name} + {scales_path.name}", model_dir.name,
-                                              "float32", cost))
+        if general_docs:  # before rounding_noise, which rounds the model's weights in place
+            cost = general_cost.cost_pytorch(runner.model, layout, scales.values, tokenizer, general_docs,
+                                             ctx=min(ctx, general_cost.DEFAULT_CTX), max_tokens=general_tokens,
+                                             progress=progress)
+            report.general.append(general_cost.GeneralCost(
+                "pytorch", f"{model_dir.name} + {scales_path.name}", model_dir.name, "float32", cost))
         dtype = stored_dtype(folded if folded is not None else model_dir, layout)
         try:
             noise = rounding_noise(runner.model, layout, scales, dtype, chunks, scaled, progress)
@@ -290,11 +288,13 @@ def validate(
         base_results = [_level2("base", infos[g], chunks, unscaled, vocab, progress)
                         for g in (base_ggufs if unscaled is not None else [])]
         report.ggufs = [gate(r, max_kld, base_results) for r in seal_results] + base_results
-    pairs = pair_by_type([(g, infos[g].file_type) for g in ggufs], [(g, infos[g].file_type) for g in base_ggufs])
-    for seal_gguf, base_gguf, file_type in pairs if general else []:
-        cost = cost_gguf(seal_gguf, base_gguf, general, ctx=min(ctx, GENERAL_CTX), max_tokens=general_tokens,
-                         progress=progress)
-        report.general.append(GeneralCost("llama.cpp", seal_gguf.name, base_gguf.name, file_type, cost))
+    pairs = general_cost.pair_by_type([(g, infos[g].file_type) for g in ggufs],
+                                      [(g, infos[g].file_type) for g in base_ggufs])
+    for seal_gguf, base_gguf, file_type in pairs if general_docs else []:
+        cost = general_cost.cost_gguf(seal_gguf, base_gguf, general_docs, ctx=min(ctx, general_cost.DEFAULT_CTX),
+                                      max_tokens=general_tokens, progress=progress)
+        report.general.append(general_cost.GeneralCost("llama.cpp", seal_gguf.name, base_gguf.name, file_type,
+                                                       cost))
 
     if task is not None:
         from seal_gguf.measure.evaluate import evaluate

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from seal_gguf.measure.general import describe_costs
 from seal_gguf.measure.validate import GGUFResult, ValidationReport
 from seal_gguf.model.rope import parse_rope_scaling
 
@@ -43,7 +44,7 @@ def format_report(report: ValidationReport) -> str:
     if report.general:
         out += ["", "What SEAL costs on general text: the model with its scales vs without (for scale: a base "
                     "GGUF's mean KLD in Level 2 is what quantization costs)"]
-        out += [f"  {g.engine:9s} {g.file_type:8s} {g.seal} vs {g.base}: {g.cost.describe()}" for g in report.general]
+        out += describe_costs(report.general)
     if report.retrieval is not None:
         from seal_gguf.measure.evaluate import render_table
 
