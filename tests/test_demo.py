@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,11 @@ def test_demo_quick(tmp_path: Path) -> None:
     for row in ("| f16 | base |", "| f16 | SEAL-H |", "| q4_k_m | SEAL-C |", "| q8_0 | base |"):
         assert row in report, report
     assert "Validation: passed." in report
+    # gain and cost side by side: every SEAL GGUF has its general-text cost against the base of its type
+    assert "| type | model | 512 tokens | general PPL | mean KLD | same top-1 |" in report
+    for row in ("| f16 | SEAL-H |", "| q4_k_m | SEAL-C |"):
+        line = next(x for x in report.splitlines() if x.startswith(row))
+        assert re.search(r"\| ×\d\.\d{3} \| [\d.e-]+ \| \d+\.\d% \|$", line), line
     assert (out / "retrieval.png").stat().st_size > 0
     retrieval = json.loads((out / "retrieval.json").read_text())
     assert {m["name"] for m in retrieval["models"]} >= {"base-f16.gguf", "seal-h-q8_0.gguf", "seal-c-q4_k_m.gguf"}
