@@ -359,6 +359,10 @@ def test_card_from_real_outputs(shipped: Path, monkeypatch: pytest.MonkeyPatch) 
     assert f"{100 * mine['summary']['same_top']:.2f}%" in card
     assert "| case length (tokens) | 320 |" in card and "| training cases | 2 |" in card
     assert "seal-gguf train model -o scales.safetensors" in card
+    # gain and cost side by side: this GGUF against the base GGUF of its type, from validate's report
+    cost = next(g for g in validation["general"] if g["engine"] == "llama.cpp" and g["seal"] == "seal-f16.gguf")
+    assert "## What the scales cost on general text" in card and "`base-f16.gguf`" in card
+    assert f"×{cost['cost']['ppl_ratio']:.3f}" in card
     report = json.loads((shipped / "eval.json").read_text(encoding="utf-8"))
     for acc in report["accuracy"]:
         if acc["model"].endswith(".gguf"):

@@ -156,6 +156,34 @@ def seal_section(facts: GGUFFacts, recipe: Recipe | None) -> list[str]:
     return lines
 
 
+def cost_section(facts: GGUFFacts, recipe: Recipe | None, reports: Sequence[dict[str, Any]]) -> list[str]:
+    """What the scales cost on general text, next to what they gain: this GGUF against the base GGUF of
+    its type (validate --base-gguf, eval --general), else the unquantized model in PyTorch, else the
+    figures training recorded."""
+    entries = [g for r in reports for g in r.get("general") or []]
+    mine = [g for g in entries if g["engine"] == "llama.cpp" and g["seal"] == facts.path.name]
+    mine = mine[:1] or [g for g in entries if g["engine"] == "pytorch"][:1]
+    lines = ["## What the scales cost on general text", ""]
+    if mine:
+        g, c = mine[0], mine[0]["cost"]
+        where = (f"this GGUF against the base GGUF `{g['base']}` of the same type, in llama.cpp" if g["engine"] ==
+                 "llama.cpp" else "the unquantized model with the scales against it without, in PyTorch")
+        return lines + [f"SEAL changes every head's output, so it changes the model on all text, not only on "
+                        f"retrieval prompts. Measured on {c['tokens']} tokens of general text never used in "
+                        f"training: {where}.", "",
+                        *_table(["perplexity, base → SEAL", "ratio", "mean KLD", "99% KLD", "same top-1 token"],
+                                [[f"{c['ppl_base']:.2f} → {c['ppl_seal']:.2f}", f"×{c['ppl_ratio']:.3f}",
+                                  _number(c["mean_kld"]), _number(c["p99_kld"]), f"{100 * c['same_top']:.1f}%"]]), ""]
+    meta = recipe.metadata if recipe is not None else {}
+    if meta.get(ScalesMeta.GENERAL_PPL_RATIO):
+        return lines + [f"Recorded by training (PyTorch, {meta.get(ScalesMeta.GENERAL_TOKENS, '?')} tokens of general "
+                        f"text): perplexity ratio ×{float(meta[ScalesMeta.GENERAL_PPL_RATIO]):.3f}, mean KLD "
+                        f"{meta.get(ScalesMeta.GENERAL_MEAN_KLD)}, same top-1 "
+                        f"{100 * float(meta.get(ScalesMeta.GENERAL_SAME_TOP, 'nan')):.1f}%.", ""]
+    return lines + ["Not measured: give `--validate-json` from `seal-gguf validate ... --base-gguf BASE.gguf` or "
+                    "`--eval-json` from `seal-gguf eval BASE.gguf SEAL.gguf --general`.", ""]
+
+
 def validate_command(report: dict[str, Any], json_name: str) -> str:
     from seal_gguf.kld import DEFAULT_MAX_MEAN_KLD
 
@@ -311,6 +339,8 @@ def render_card(facts: GGUFFacts, recipe: Recipe | None, validation: tuple[dict[
     if retrieval is not None:
         report, where = retrieval
         lines += retrieval_section(report, facts, where, known_types)
+    if granularity:
+        lines += cost_section(facts, recipe, [r for r, _ in (validation, retrieval) if r is not None])
     n_ctx, reason = default_context(facts, recipe)
     lines += usage_section(facts, n_ctx, reason)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d")
