@@ -197,8 +197,9 @@ def check_extension(info: GGUFInfo, config: dict[str, Any], rope: RopeScaling | 
         raise InputError(f"{name} does not carry the {rope} RoPE context extension given ({'; '.join(wrong)}){was}")
 
 
-def first_token_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
-    """Index of the first position where a and b differ (or where one ends); None if equal."""
+def first_token_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
+    """Index of the first position where a and b (token ids, or token texts) differ, or where one ends;
+    None if equal."""
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i

@@ -285,8 +285,8 @@ def validate(
         report.folded = _level1(model_dir, scales_path, scales, folded, chunks, scaled, tmp, progress, warnings,
                                 rope, dtype, noise)
         seal_results = [_level2("seal", infos[g], chunks, scaled, vocab, progress) for g in ggufs]
-        base_results = [_level2("base", infos[g], chunks, unscaled, vocab, progress)
-                        for g in (base_ggufs if unscaled is not None else [])]
+        base_results = [] if unscaled is None else [_level2("base", infos[g], chunks, unscaled, vocab, progress)
+                                                    for g in base_ggufs]
         report.ggufs = [gate(r, max_kld, base_results) for r in seal_results] + base_results
     pairs = general_cost.pair_by_type([(g, infos[g].file_type) for g in ggufs],
                                       [(g, infos[g].file_type) for g in base_ggufs])
