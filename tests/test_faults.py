@@ -26,7 +26,7 @@ from seal_gguf.cli.app import cli
 from seal_gguf.constants import ScalesMeta
 from seal_gguf.convert.from_gguf import check_import, derive_config, import_gguf
 from seal_gguf.convert.to_gguf import convert_to_gguf
-from seal_gguf.errors import InputError
+from seal_gguf.errors import InputError, ScalesError
 from seal_gguf.gguffile.header import read_gguf_header, read_metadata
 from seal_gguf.measure.texts import builtin_documents
 from seal_gguf.model.architectures import model_layout
@@ -361,16 +361,50 @@ def test_huge_scales_never_write_inf(odd_rows: Path, tmp_path: Path, outtype: st
 
 
 @pytest.mark.engine
-def test_written_gguf_checked_for_non_finite(odd_rows: Path, tmp_path: Path) -> None:
-    """The check on the file itself: a folded f32 GGUF with weights beyond float16, quantized to a type
-    whose attn_output falls back to F16, is refused by `quantize` (nothing written)."""
+def test_quantizer_refusal_explained(odd_rows: Path, tmp_path: Path) -> None:
+    """A folded f32 GGUF with weights beyond float16, quantized to q8_0 (rows of 120: llama.cpp falls
+    back to F16): llama.cpp's 'quantized data validation failed' becomes the reason, nothing written."""
     scales = head_scales(tmp_path / "s.safetensors", odd_rows, torch.full(expected_shape(model_layout(odd_rows), "head"),
                                                                            1e6))
     f32 = convert_to_gguf(odd_rows, tmp_path / "f32.gguf", "f32", scales, progress=False)
     out = tmp_path / "q8.gguf"
     result = CliRunner().invoke(cli, ["quantize", str(f32), str(out), "q8_0", "-q"])
-    one_line_error(result, "non-finite weights")
+    one_line_error(result, "beyond float16's range (65504)")
+    assert "--attn-output-type bf16 or f32" in result.output
     assert not out.exists()
+
+
+def gguf_with(path: Path, name: str, values: np.ndarray, qtype: str) -> Path:
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    writer = GGUFWriter(str(path), "llama")
+    kind = GGMLQuantizationType[qtype]
+    data = values.astype(np.float16) if kind == GGMLQuantizationType.F16 else quantize(values, kind)
+    writer.add_tensor(name, data, raw_dtype=kind)
+    writer.add_tensor("token_embd.weight", np.ones((2, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0"])
+def test_written_gguf_checked_for_non_finite(tmp_path: Path, qtype: str) -> None:
+    """The check every written GGUF gets before it is kept: inf in an attn_output of any type (a Q8_0
+    block scale beyond float16 included) is refused; the same tensor finite passes."""
+    from seal_gguf.convert.quantize import check_written_gguf
+
+    values = np.full((4, 32), 0.5, dtype=np.float32)
+    ok = gguf_with(tmp_path / "ok.gguf", "blk.0.attn_output.weight", values, qtype)
+    check_written_gguf(ok, qtype.lower(), folded=True, warn=pytest.fail)
+    huge = values.copy()
+    huge[1, 3] = 1e9 if qtype == "Q8_0" else np.inf  # Q8_0: its block scale 1e9 / 127 overflows float16
+    bad = gguf_with(tmp_path / "bad.gguf", "blk.0.attn_output.weight", huge, qtype)
+    with pytest.raises(ScalesError, match="holds [0-9]+ non-finite weights"):
+        check_written_gguf(bad, qtype.lower(), folded=True)
 
 
 @pytest.mark.engine
@@ -480,8 +514,19 @@ def test_base_fingerprint_same_model_in_other_float_type(tiny_model, tmp_path: P
     bf16 = tiny_model("llama", dtype=torch.bfloat16)
     fingerprint = model_fingerprint(bf16, model_layout(bf16))
     scales = head_scales(tmp_path / "s.safetensors", bf16, provenance={ScalesMeta.BASE_FINGERPRINT: fingerprint})
-    for outtype in ("f32", "f16"):
-        gguf = convert_to_gguf(bf16, tmp_path / f"base-{outtype}.gguf", outtype, progress=False)
-        result = CliRunner().invoke(cli, ["fold-gguf", str(gguf), str(scales), "-o", str(tmp_path / f"{outtype}.gguf"),
-                                          "-q"])
-        assert result.exit_code == 0 and "Warning" not in result.output, result.output
+    upcast = tmp_path / "f32-copy"
+    shutil.copytree(bf16, upcast)
+    for shard in weight_files(upcast):
+        from safetensors.torch import load_file, save_file
+
+        save_file({k: v.float() for k, v in load_file(str(shard)).items()}, str(shard), metadata={"format": "pt"})
+    result = CliRunner().invoke(cli, ["fold", str(upcast), str(scales), "-o", str(tmp_path / "folded"), "-q"])
+    assert result.exit_code == 0 and "Warning" not in result.output, result.output
+    gguf = convert_to_gguf(bf16, tmp_path / "base-f32.gguf", "f32", progress=False)
+    result = CliRunner().invoke(cli, ["fold-gguf", str(gguf), str(scales), "-o", str(tmp_path / "f32.gguf"), "-q"])
+    assert result.exit_code == 0 and "Warning" not in result.output, result.output
+    # an f16 GGUF may round a bf16 weight (float16 subnormals): a mismatch there is a warning, not a refusal
+    gguf = convert_to_gguf(bf16, tmp_path / "base-f16.gguf", "f16", progress=False)
+    result = CliRunner().invoke(cli, ["fold-gguf", str(gguf), str(scales), "-o", str(tmp_path / "f16.gguf"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output or "lower-precision float type" in result.output

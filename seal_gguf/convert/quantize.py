@@ -199,8 +199,35 @@ def run_quantizer(in_path: Path, out_path: Path, plan: QuantPlan, *, progress: b
         full = no_room_error(out_path.parent)  # llama.cpp says "iostream error" for a full disk
         if full is not None:
             raise full
+        reason = engine_failure(log)
+        if "validation failed" in reason:  # llama.cpp found inf or NaN in what it quantized
+            explain_invalid_quantization(in_path)
         hint = "" if verbose else " (run with --verbose for the quantizer's full log)"
-        raise EngineError(f"llama.cpp's quantizer failed: {engine_failure(log)}{hint}")
+        raise EngineError(f"llama.cpp's quantizer failed: {reason}{hint}")
+
+
+def explain_invalid_quantization(in_path: Path) -> None:
+    """llama.cpp refuses a quantization whose data holds inf or NaN ("quantized data validation
+    failed"). Where the attn_output weights of the input leave float16's range (folded scales), that
+    is the cause: float16 is what llama.cpp falls back to for rows that are not whole blocks of the
+    type. Raise ScalesError saying so."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from seal_gguf.constants import F16_MAX
+
+    peak, name = 0.0, ""
+    for tensor in GGUFReader(str(in_path), "r").tensors:
+        if re.search(ATTN_OUTPUT_PATTERN, tensor.name):
+            with np.errstate(all="ignore"):
+                value = float(np.abs(dequantize(tensor.data, tensor.tensor_type)).max())
+            if value > peak:
+                peak, name = value, tensor.name
+    if peak > F16_MAX:
+        raise ScalesError(f"{name} holds weights up to |w| = {peak:.6g}, beyond float16's range ({F16_MAX:g}), "
+                          "which llama.cpp stores attn_output in where its rows are not whole blocks of the type; "
+                          "it refused the result (non-finite weights). Use "
+                          "--attn-output-type bf16 or f32, or --outtype bf16 or f32")
 
 
 def warn_on_stderr(message: str) -> None:
@@ -217,7 +244,8 @@ def _non_finite(data: np.ndarray, qtype: Any) -> int:
         return int(data.size - np.count_nonzero(np.isfinite(data)))
     if qtype == GGMLQuantizationType.BF16:  # exponent bits all ones
         return int(np.count_nonzero((np.ascontiguousarray(data).view(np.uint16) & 0x7F80) == 0x7F80))
-    return int(np.count_nonzero(~np.isfinite(dequantize(data, qtype))))
+    with np.errstate(all="ignore"):  # an inf block scale times 0 is NaN: counted, not warned about
+        return int(np.count_nonzero(~np.isfinite(dequantize(data, qtype))))
 
 
 def check_written_gguf(path: Path, expected_attn_output: str | None = None, folded: bool = False,

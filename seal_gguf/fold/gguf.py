@@ -356,5 +356,5 @@ def check_gguf_fingerprint(path: Path, target: Target, scales: SealScales, scale
         f.seek(target.start)
         raw = f.read(target.n_bytes)
     weight = dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(target.rows, -1), target.qtype)
-    return check_base_fingerprint(scales.metadata.get(ScalesMeta.BASE_FINGERPRINT), torch.from_numpy(weight),
+    return check_base_fingerprint(scales.metadata.get(ScalesMeta.BASE_FINGERPRINT), torch.from_numpy(np.array(weight)),
                                   scales_path, path, force, certain=target.qtype == GGMLQuantizationType.F32)
