@@ -113,6 +113,12 @@ def fold(model_dir: Path, scales: Path, out_dir: Path, force: bool, quiet: bool)
 def import_gguf_cmd(gguf_file: Path, out_dir: Path, dtype: str, force: bool, quiet: bool) -> None:
     """Turn a GGUF into a plain HF checkpoint (dequantized) with tokenizer and chat template.
 
+    Written only when it is the GGUF's model: config values transformers does not read are derived as
+    llama.cpp derives them (head size from the key length, Gemma's attention scale), a part of a split
+    GGUF or a GGUF that lacks weights is refused, and the imported model is checked against the GGUF
+    in llama.cpp on a short token sequence (mean KL divergence within what the GGUF's type and --dtype
+    cost) before anything is written.
+
     \b
     Example:
       seal-gguf import-gguf SmolLM2-135M-Instruct.Q4_1.gguf smol/
