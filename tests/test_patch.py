@@ -102,3 +102,33 @@ def test_patched_converter_checks_scales_itself(converter: Path, tiny_model, tmp
     assert result.returncode == 1
     assert "scales of shape (3, 4) do not fit this model: 2 layers x 4 heads" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_patch_knows_no_architecture() -> None:
+    """Where o_proj is and which config keys give the head layout come from architectures.json, through
+    the scales file: the converter-side module names none of them itself."""
+    added = "\n".join(line[1:] for line in patch_files()[0].read_text(encoding="utf-8").splitlines()
+                      if line.startswith("+") and not line.startswith("+++"))
+    for name in ("self_attn", "o_proj.weight", "num_attention_heads", "num_hidden_layers", "n_head", "layers\\."):
+        assert name not in added, name
+
+
+def test_patched_converter_refuses_scales_without_layout(converter: Path, tiny_model, tmp_path: Path) -> None:  # noqa: F811
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from seal_gguf.constants import ScalesMeta
+
+    model_dir = tiny_model("llama")
+    layout = model_layout(model_dir)
+    save_scales(tmp_path / "new.safetensors", torch.ones(layout.num_layers, layout.num_heads), layout, "head")
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != ScalesMeta.LAYOUT}
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(tmp_path / "old.safetensors"), metadata=meta)
+    out = tmp_path / "out.gguf"
+    result = subprocess.run([sys.executable, str(converter / CONVERTER_SCRIPT), str(model_dir), "--outfile", str(out),
+                             "--outtype", "f32", "--seal-scales", str(tmp_path / "old.safetensors")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and not out.exists()
+    assert "its metadata does not say where the model's o_proj weights are" in result.stderr
+    assert "save the scales again with a current seal-gguf" in result.stderr and "Traceback" not in result.stderr

@@ -45,6 +45,7 @@ class ArchSpec:
     gguf: GGUFSpec
     rope_scaling: tuple[str, ...]  # context extensions checked through llama.cpp
     unsupported_sliding_window: str | None  # why llama.cpp cannot run its sliding window; None: it can
+    rope_scaling_refused: str | None  # why the other context extensions cannot be used
 
     @property
     def gguf_architectures(self) -> tuple[str, ...]:
@@ -106,6 +107,7 @@ def _spec(model_type: str, entry: dict[str, Any]) -> ArchSpec:
         gguf=GGUFSpec(**{**gguf, "architectures": tuple(gguf["architectures"])}),
         rope_scaling=tuple(entry["rope_scaling"]),
         unsupported_sliding_window=entry.get("unsupported_sliding_window"),
+        rope_scaling_refused=entry.get("rope_scaling_refused"),
     )
 
 
@@ -181,6 +183,16 @@ def sliding_window(config: dict[str, Any], spec: ArchSpec) -> int | None:
     if not isinstance(window, int) or config.get(spec.use_sliding_window) is False:
         return None
     return window if not isinstance(context, int) or window < context else None
+
+
+def rope_scaling_refusal(config: dict[str, Any], kind: str) -> str | None:
+    """Why this model cannot be extended by `kind` RoPE scaling (seal_gguf.model.rope); None if it can."""
+    spec = arch_specs().get(config.get("model_type"))  # type: ignore[arg-type]
+    if spec is None or kind in spec.rope_scaling:
+        return None
+    why = f": {spec.rope_scaling_refused}" if spec.rope_scaling_refused else ""
+    return (f"{kind} RoPE scaling is not available for {spec.model_type} models{why}; "
+            f"use {' or '.join(spec.rope_scaling) or 'none'}")
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

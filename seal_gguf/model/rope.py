@@ -29,7 +29,7 @@ from typing import Any
 
 from seal_gguf.errors import EngineError, InputError
 from seal_gguf.gguffile.header import read_metadata
-from seal_gguf.model.architectures import read_config
+from seal_gguf.model.architectures import read_config, rope_scaling_refusal
 
 KINDS = ("linear", "yarn", "ntk")
 # llama.cpp reads no yarn beta from a GGUF (it always uses 32 / 1, its defaults) and transformers
@@ -168,6 +168,9 @@ def extend_config(config: dict[str, Any], scaling: RopeScaling, where: str = "co
     Written in the config's own layout: transformers 5's rope_parameters, or rope_scaling with a
     top-level rope_theta (transformers 4); llama.cpp's converter reads both.
     """
+    refusal = rope_scaling_refusal(config, scaling.kind)
+    if refusal is not None:
+        raise InputError(f"{where}: {refusal}")
     existing = _existing_scaling(config)
     if existing is not None:
         raise InputError(f"{where}: the model already has {existing} RoPE scaling; seal-gguf does not stack a "
