@@ -27,7 +27,7 @@ from seal_gguf.convert.to_gguf import convert_to_gguf, lossless_outtype, provisi
 from seal_gguf.errors import EngineError, InputError
 from seal_gguf.fold.hf import fold_checkpoint
 from seal_gguf.model.architectures import ModelLayout, model_layout
-from seal_gguf.model.checkpoint import read_header, weight_files
+from seal_gguf.model.checkpoint import model_fingerprint, read_header, weight_files
 from seal_gguf.scales import read_scales, save_scales, scales_metadata
 
 
@@ -172,6 +172,8 @@ def test_seal_keys_in_gguf(ggufs, llama: Path, scales: dict[str, Path]) -> None:
 def test_gguf_records_the_training_recipe(llama: Path, converter: Path, tmp_path: Path) -> None:
     layout = model_layout(llama)
     recipe = {key: f"value of {key}" for key in GGUF_RECIPE_KEYS} | {ScalesMeta.LENGTH: "320"}
+    # the fingerprint is compared with the model's (another model's scales are refused): the real one
+    recipe[ScalesMeta.BASE_FINGERPRINT] = model_fingerprint(llama, layout)
     path = tmp_path / "trained.safetensors"
     save_scales(path, torch.full((layout.num_layers, layout.num_heads), 1.25), layout, "head", provenance=recipe)
     out = convert_to_gguf(llama, tmp_path / "trained.gguf", "f32", path, llama_cpp=converter, progress=False)
