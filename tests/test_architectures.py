@@ -277,7 +277,7 @@ def test_context_extension_beyond_the_native_context(tiny_model, converter: Path
     gap = np.abs(got - ref).max()
     # llama.cpp's f32 arithmetic alone (Gemma's GELU comes from an fp16 table) stays within 3e-4 of the logits
     assert gap <= 3e-4 * np.abs(ref).max() and (got.argmax(-1) == ref.argmax(-1)).all(), gap
-    assert np.abs(plain - ref).max() > 100 * max(gap, 1e-5)  # the extension is at work beyond NATIVE
+    assert np.abs(plain - ref).max() > 20 * max(gap, 1e-5)  # the extension is at work beyond NATIVE
 
 
 # -- an independent anchor for head order --
