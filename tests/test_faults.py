@@ -439,9 +439,17 @@ AMBIGUITIES: dict[str, tuple[Callable[[Path, Path], None], str]] = {
         lambda m, single: (m / "pytorch_model.bin").write_bytes(b"x"), "another format"),
     "partial download": (
         lambda m, single: (m / "model-00001-of-00009.safetensors.incomplete").write_bytes(b""), "partial downloads"),
+    "partial download by huggingface-cli --local-dir": (
+        lambda m, single: _hf_incomplete(m), "partial downloads"),
     "shard from another revision": (
         lambda m, single: _swap_shard_tensor(m), "a shard is stale"),
 }
+
+
+def _hf_incomplete(model: Path) -> None:
+    folder = model / ".cache" / "huggingface" / "download"
+    folder.mkdir(parents=True)
+    (folder / "Xq3.model-00002-of-00002.safetensors.incomplete").write_bytes(b"partial")
 
 
 def _swap_shard_tensor(model: Path) -> None:

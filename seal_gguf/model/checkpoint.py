@@ -71,6 +71,8 @@ def weight_files(model_dir: Path) -> list[Path]:
     model_dir = Path(model_dir)
     partial = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(PARTIAL_DOWNLOAD_SUFFIXES)
                      and ("safetensors" in p.name or p.name.endswith(".incomplete"))) if model_dir.is_dir() else []
+    # `huggingface-cli download --local-dir` keeps a file on its way in .cache/huggingface/download/
+    partial += sorted(str(p.relative_to(model_dir)) for p in model_dir.glob(".cache/huggingface/download/**/*.incomplete"))
     if partial:
         raise InputError(f"{model_dir}: holds partial downloads ({', '.join(partial)}); finish the download "
                          "(or remove them) first")
