@@ -19,6 +19,7 @@ scales, and goes through every route to a GGUF:
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,6 +156,17 @@ def test_windows_llama_cpp_cannot_run_are_refused(arch: str) -> None:
         layout_from_config(config)
     for inactive in ({"sliding_window": None}, {"sliding_window": 4096}):  # no window, or one as long as the context
         assert layout_from_config({**config, **inactive}).num_heads == 4
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if arch_specs()[a].requires])
+def test_configs_llama_cpp_would_run_otherwise_are_refused(arch: str) -> None:
+    base = {**CONFIGS[arch], "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}
+    for key, (value, why) in arch_specs()[arch].requires.items():
+        assert layout_from_config({**base, key: value}).num_heads == 4
+        other = (not value) if isinstance(value, bool) else value + 1
+        with pytest.raises(ArchitectureError, match=re.escape(f"{key} is {other!r}; seal-gguf converts {arch} "
+                                                              f"models with {key} = {value!r} only: {why}")):
+            layout_from_config({**base, key: other})
 
 
 # -- through llama.cpp --

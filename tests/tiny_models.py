@@ -31,6 +31,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
                         num_key_value_heads=1, sliding_window=512, query_pre_attn_scalar=64),
     "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], num_key_value_heads=4,
                  pad_token_id=0, tie_word_embeddings=False),
+    # q/k RMSNorm over the whole projection
+    "olmo2": dict(model_type="olmo2", architectures=["Olmo2ForCausalLM"], tie_word_embeddings=False),
+    # the attention, embedding, residual and logits multipliers, away from 1
+    "granite": dict(model_type="granite", architectures=["GraniteForCausalLM"], attention_multiplier=0.05,
+                    embedding_multiplier=4.0, residual_multiplier=0.5, logits_scaling=2.0),
+    # mixture-of-experts MLPs; attention as llama's
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False),
+    "qwen2_moe": dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+                      tie_word_embeddings=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=128, head_dim=64, norm_topk_prob=True,
+                      tie_word_embeddings=False),
+    # 4 layers: the 4th has no RoPE
+    "smollm3": dict(model_type="smollm3", architectures=["SmolLM3ForCausalLM"], num_hidden_layers=4, pad_token_id=2),
 }
 
 

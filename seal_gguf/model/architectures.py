@@ -46,6 +46,7 @@ class ArchSpec:
     rope_scaling: tuple[str, ...]  # context extensions checked through llama.cpp
     unsupported_sliding_window: str | None  # why llama.cpp cannot run its sliding window; None: it can
     rope_scaling_refused: str | None  # why the other context extensions cannot be used
+    requires: dict[str, tuple[Any, str]]  # config key -> (the value llama.cpp assumes, why)
 
     @property
     def gguf_architectures(self) -> tuple[str, ...]:
@@ -108,6 +109,7 @@ def _spec(model_type: str, entry: dict[str, Any]) -> ArchSpec:
         rope_scaling=tuple(entry["rope_scaling"]),
         unsupported_sliding_window=entry.get("unsupported_sliding_window"),
         rope_scaling_refused=entry.get("rope_scaling_refused"),
+        requires={key: (value, why) for key, (value, why) in entry.get("requires", {}).items()},
     )
 
 
@@ -167,6 +169,10 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
         if not isinstance(hidden, int) or num_heads <= 0 or hidden % num_heads:
             raise InputError(f"{where}: cannot derive head_dim from {spec.hidden_size}={hidden!r}")
         head_dim = hidden // num_heads
+    for key, (value, why) in spec.requires.items():
+        if key in config and config[key] != value:
+            raise ArchitectureError(f"{where}: {key} is {config[key]!r}; seal-gguf converts {model_type} models "
+                                    f"with {key} = {value!r} only: {why}")
     window = sliding_window(config, spec)
     if window is not None and spec.unsupported_sliding_window:
         raise ArchitectureError(f"{where}: this {model_type} model attends within a sliding window of {window} tokens, "
