@@ -1,4 +1,10 @@
-"""Opening a GGUF in llama.cpp (llama-cpp-python), with one error mapping.
+"""Opening a GGUF in llama.cpp (llama-cpp-python): the one place that constructs `Llama`, with one
+error mapping (a file llama.cpp cannot load is an InputError naming it).
+
+Two ways to run a model:
+- generating (eval, chat): llama.cpp's own defaults, flash attention as its tools use it;
+- measuring logits (validate, the general-text cost, tokenization checks): the KV cache in f32 and
+  the whole context in one batch, so that the figures measure the weights, not the cache.
 """
 
 from __future__ import annotations
@@ -8,24 +14,45 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from seal_gguf.constants import FLASH_ATTENTION
 from seal_gguf.errors import InputError
+from seal_gguf.fileio import first_line
 
-# HF model_type -> the general.architecture llama.cpp's converter writes for it.
-GGML_TYPE_F32 = 0  # KV cache in f32: the figures then measure the weights, not the cache
-@contextmanager
-def open_llama(path: Path, n_ctx: int, logits_all: bool = True) -> Iterator[Any]:
-    # Not vocab_only even for tokenizing, and swa_full off (same results for one sequence): either
-    # makes llama.cpp log warnings on stderr.
+GGML_TYPE_F32 = 0  # ggml's type id of f32, for the KV cache of exact runs
+
+
+def load_llama(path: Path, n_ctx: int, *, exact: bool = False, logits_all: bool = False, threads: int | None = None,
+               gpu: bool = False, seed: int | None = None) -> Any:
+    """A llama_cpp.Llama over the GGUF at `path` with a context of n_ctx tokens (0: the model's own).
+
+    exact: f32 KV cache, n_batch = n_ctx, swa_full off (one sequence gives the same results); for
+    comparing logits. logits_all: keep the logits of every position (the vocabulary-wide output layer
+    then runs at every prompt position: only for measuring). threads: CPU threads (None: llama.cpp's
+    default); gpu: offload every layer; seed: the sampling seed (chat).
+    Raises InputError when llama.cpp cannot load the file.
+    """
     from llama_cpp import Llama
 
+    kwargs: dict[str, Any] = {"n_ctx": n_ctx, "logits_all": logits_all, "verbose": False,
+                              "n_gpu_layers": -1 if gpu else 0, "n_threads": threads, "n_threads_batch": threads}
+    if exact:
+        # Not vocab_only even for tokenizing: it makes llama.cpp log warnings on stderr.
+        kwargs |= {"n_batch": n_ctx, "type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32, "swa_full": False}
+    else:
+        kwargs |= {"flash_attn": FLASH_ATTENTION}
+    if seed is not None:
+        kwargs["seed"] = seed
     try:
-        llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                    type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, swa_full=False, verbose=False)
+        return Llama(str(path), **kwargs)
     except (ValueError, RuntimeError, OSError) as exc:
-        raise InputError(f"{path}: llama.cpp cannot load this GGUF ({str(exc).strip() or type(exc).__name__})") from None
+        raise InputError(f"{path}: llama.cpp cannot load this GGUF ({first_line(exc)})") from None
+
+
+@contextmanager
+def open_llama(path: Path, n_ctx: int, logits_all: bool = True) -> Iterator[Any]:
+    """load_llama(..., exact=True) for the duration of a `with` block, closed afterwards."""
+    llm = load_llama(path, n_ctx, exact=True, logits_all=logits_all)
     try:
         yield llm
     finally:
         llm.close()
-
-

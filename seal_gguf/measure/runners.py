@@ -12,13 +12,13 @@ from typing import Protocol
 
 import torch
 
-from seal_gguf.constants import FLASH_ATTENTION
 from seal_gguf.errors import EngineError, InputError
 from seal_gguf.fileio import first_line, require_gguf
-from seal_gguf.model.architectures import model_layout, read_config
-from seal_gguf.model.checkpoint import locate_o_proj, read_headers
-from seal_gguf.model.loading import load_tokenizer, quiet_transformers
-from seal_gguf.model.rope import RopeScaling, transformers_config
+from seal_gguf.gguffile.llama import load_llama
+from seal_gguf.model.architectures import model_layout
+from seal_gguf.model.loading import load_model, load_tokenizer
+from seal_gguf.model.rope import RopeScaling
+from seal_gguf.texts import special_prefix
 
 
 class Runner(Protocol):
@@ -44,17 +44,11 @@ class GGUFRunner:
     """A GGUF run by llama-cpp-python: the prompt processed once, then greedy tokens."""
 
     def __init__(self, path: Path, n_ctx: int | None = None, gpu: bool = False, threads: int | None = None):
-        from llama_cpp import Llama
-
         self.path = require_gguf(Path(path))
         self.name = self.path.name
-        try:
-            # logits_all stays off: it would compute the vocabulary-wide output layer at every
-            # prompt position, which costs more than the rest of the model on small models.
-            self.llm = Llama(str(self.path), n_ctx=n_ctx or 0, n_gpu_layers=-1 if gpu else 0, verbose=False,
-                             n_threads=threads, n_threads_batch=threads, flash_attn=FLASH_ATTENTION)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise InputError(f"{self.path}: llama.cpp cannot load this GGUF ({first_line(exc)})") from None
+        # logits_all stays off: it would compute the vocabulary-wide output layer at every prompt
+        # position, which costs more than the rest of the model on small models.
+        self.llm = load_llama(self.path, n_ctx or 0, threads=threads, gpu=gpu)
         self.n_ctx = self.llm.n_ctx()
         # llama.cpp adds BOS (add_special) only when the GGUF asks for it.
         self._prefix = self.llm.tokenize(b"", add_bos=True, special=True)
@@ -88,50 +82,28 @@ class HFRunner:
 
     def __init__(self, folder: Path, scales: Path | None = None, device: str = "cpu", threads: int | None = None,
                  rope: RopeScaling | None = None):
-        from transformers import AutoModelForCausalLM
-
-        from seal_gguf.model.checkpoint import check_not_folded
         from seal_gguf.model.hooks import attach_scales
         from seal_gguf.scales import load_scales
 
         self.path = Path(folder)
-        config = read_config(self.path)
-        # pickled-only, truncated or corrupt weights: refused before transformers sees them
-        headers = read_headers(self.path)
         self.name = self.path.name + (f"+{Path(scales).name}" if scales else "")
         self.n_ctx = None
         self.device = torch.device(device)
+        # scales that do not fit are refused before the weights are read
+        values = load_scales(Path(scales), model_layout(self.path)).values.to(self.device) if scales else None
+        # a folded checkpoint runs as it is; scales are applied only to the original model
+        self.model, layout = load_model(self.path, self.device, "float32", progress=False, rope=rope,
+                                        folded_ok=values is None)
+        self.model.config.use_cache = True  # generation reuses its KV cache
+        self.hooks = None if values is None else attach_scales(self.model, layout, values)
         self.tokenizer = load_tokenizer(self.path)
-        layout = model_layout(self.path) if scales else None
-        values = None
-        if scales and layout is not None:
-            check_not_folded(config, str(self.path), force=False, remedy="apply --scales to the original, unfolded model")
-            locate_o_proj(headers, layout)  # weights that do not fit config.json
-            values = load_scales(Path(scales), layout).values.to(self.device)
-        extended = {} if rope is None else {"config": transformers_config(config, rope, str(self.path / "config.json"))}
-        try:
-            with quiet_transformers():
-                self.model = AutoModelForCausalLM.from_pretrained(
-                    str(self.path), dtype=torch.float32, use_safetensors=True, **extended
-                ).to(self.device).eval()  # type: ignore[arg-type]  # transformers' own stub
-        except (ValueError, KeyError, OSError, RuntimeError) as exc:
-            raise InputError(f"{self.path}: transformers cannot load this model ({first_line(exc)})") from None
-        self.hooks = None
-        if values is not None and layout is not None:
-            self.hooks = attach_scales(self.model, layout, values)
-        self._prefix = self._special_prefix()
+        self._prefix = special_prefix(self.tokenizer)
         eos = self.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         self._eos = {int(i) for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
         self._threads_before = torch.get_num_threads()  # a process-wide setting: restored by close()
         if threads:
             torch.set_num_threads(threads)
-
-    def _special_prefix(self) -> list[int]:
-        """The tokens the tokenizer puts before any text (BOS or nothing)."""
-        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        return full[: len(full) - len(bare)] if full[-len(bare):] == bare else []
 
     def tokenize(self, prompt: str) -> list[int]:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]

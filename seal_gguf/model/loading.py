@@ -139,18 +139,22 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(model_dir: Path, device: torch.device, dtype: str, progress: bool = True,
                rope: RopeScaling | None = None, device_map: dict[str, str] | None = None,
-               offload_folder: Path | None = None) -> tuple[nn.Module, ModelLayout]:
+               offload_folder: Path | None = None, folded_ok: bool = False) -> tuple[nn.Module, ModelLayout]:
     """The model frozen, in eval mode, with SDPA attention (its context extended by rope, if given);
     and its head layout. With a device map (module -> cuda:N, mps, cpu or disk; see seal_gguf.learn.plan)
-    accelerate dispatches the layers and `device` is where the inputs go."""
+    accelerate dispatches the layers and `device` is where the inputs go. The one loader of HF
+    checkpoints: safetensors only (never pickles), never remote code.
+
+    folded_ok: a checkpoint with scales folded in is run as it is (validate, eval); otherwise it is
+    refused (AlreadyFoldedError), since scales learned or applied on top would describe neither model.
+    Raises InputError for a folder transformers cannot load."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     config = read_config(model_dir)
     layout = layout_from_config(config, model_dir / "config.json")
-    # scales learned on top of folded ones would describe neither model
-    check_not_folded(config, str(model_dir), force=False, remedy="use the original, unfolded model")
+    check_not_folded(config, str(model_dir), force=folded_ok, remedy="use the original, unfolded model")
     # pickled-only, truncated or corrupt weights, or weights that do not fit config.json: refused
     # before transformers loads them
     locate_o_proj(read_headers(model_dir), layout)

@@ -14,9 +14,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from seal_gguf.constants import CHAT_TEMPLATE_KEY, FLASH_ATTENTION
+from seal_gguf.constants import CHAT_TEMPLATE_KEY
 from seal_gguf.errors import EngineError, InputError
 from seal_gguf.fileio import first_line, require_file, require_gguf
+from seal_gguf.gguffile.llama import load_llama
 
 DEFAULT_N_CTX = 4096
 REPLY_RESERVE = 1024  # tokens kept free for the conversation after a document
@@ -76,13 +77,7 @@ class ChatSession:
         self.reset()
 
     def _open(self, n_ctx: int) -> Any:
-        from llama_cpp import Llama
-
-        try:
-            return Llama(str(self.path), n_ctx=n_ctx, seed=self.seed, verbose=False,
-                         n_threads=self.threads, n_threads_batch=self.threads, flash_attn=FLASH_ATTENTION)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise InputError(f"{self.path}: llama.cpp cannot load this GGUF ({first_line(exc)})") from None
+        return load_llama(self.path, n_ctx, threads=self.threads, seed=self.seed)
 
     def _trained_context(self) -> int | None:
         meta = self.llm.metadata
