@@ -52,9 +52,6 @@ FACTOR = 2
 OPTIONS: dict[str, dict[str, object]] = {"gemma3_text": {"sliding_window": WINDOW}}
 QTYPES = ("q8_0", "q4_k_m")
 
-pytestmark = pytest.mark.engine
-
-
 # -- the pieces, built once per module --
 
 @pytest.fixture(scope="module")
@@ -179,6 +176,7 @@ QWEN2_TOKENS = pytest.mark.xfail(strict=True, reason="the tiny qwen2 vocabulary 
                                                      "pre-tokenizer, which splits newline runs")
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=QWEN2_TOKENS) if a == "qwen2" else a for a in ARCHS])
 def test_tokenizer_converts_and_agrees(built, arch: str) -> None:
     """The converter took the tiny model's tokenizer as it is, and llama.cpp splits text as transformers does."""
@@ -192,6 +190,7 @@ def test_tokenizer_converts_and_agrees(built, arch: str) -> None:
     assert len(want) > 200 and got == want
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f32_every_route_exact(built, arch: str, granularity: str) -> None:
@@ -213,6 +212,7 @@ def test_f32_every_route_exact(built, arch: str, granularity: str) -> None:
     assert np.abs(ref - base_ref).max() > 1000 * gap
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f16_bf16_close(built, arch: str, granularity: str) -> None:
@@ -226,6 +226,7 @@ def test_f16_bf16_close(built, arch: str, granularity: str) -> None:
     assert same_top(ref, got) >= same_top(base_ref, base) - 0.05
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("arch", ARCHS)
@@ -238,6 +239,7 @@ def test_quantized_as_close_as_the_base(built, arch: str, granularity: str, qtyp
 
 # -- sliding windows and context extension --
 
+@pytest.mark.engine
 def test_sliding_window_models_run_beyond_their_window(built) -> None:
     """The f32 gate above ran gemma3_text's 64 tokens through a 16-token window: the window is live."""
     model_dir = built("gemma3_text", "head")["model"]
@@ -265,6 +267,7 @@ def test_unclaimed_context_extensions_are_refused(tiny_model, arch: str) -> None
                 extend_config(config, RopeScaling(kind, FACTOR))
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize(("arch", "kind"), [(a, k) for a in ARCHS for k in arch_specs()[a].rope_scaling])
 def test_context_extension_beyond_the_native_context(tiny_model, converter: Path, tmp_path: Path, arch: str,
                                                      kind: str) -> None:
@@ -294,6 +297,7 @@ def test_context_extension_beyond_the_native_context(tiny_model, converter: Path
 
 # -- an independent anchor for head order --
 
+@pytest.mark.engine
 @pytest.mark.parametrize("arch", ARCHS)
 def test_head_order_anchor(tiny_model, converter: Path, tmp_path: Path, arch: str) -> None:
     from transformers import AutoModelForCausalLM
