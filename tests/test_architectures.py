@@ -39,7 +39,13 @@ from seal_gguf.fold.hf import fold_checkpoint
 from seal_gguf.gguffile.llama import open_llama
 from seal_gguf.kld import log_softmax64
 from seal_gguf.measure.texts import builtin_documents
-from seal_gguf.model.architectures import arch_specs, layout_from_config, model_layout, read_config
+from seal_gguf.model.architectures import (
+    arch_specs,
+    layout_from_config,
+    model_layout,
+    read_config,
+    text_config,
+)
 from seal_gguf.model.rope import RopeScaling, extend_config
 from seal_gguf.scales import expected_shape, save_scales
 
@@ -49,7 +55,7 @@ TOKENS = 64
 NATIVE = 32  # the context the extension tests stretch, x FACTOR
 FACTOR = 2
 # what each architecture's tiny model needs besides its tiny_models.CONFIGS entry
-OPTIONS: dict[str, dict[str, object]] = {"gemma3_text": {"sliding_window": WINDOW}}
+OPTIONS: dict[str, dict[str, object]] = {"gemma3_text": {"sliding_window": WINDOW}, "gemma3": {"sliding_window": WINDOW}}
 QTYPES = ("q8_0", "q4_k_m")
 
 # -- the pieces, built once per module --
@@ -305,7 +311,7 @@ def test_head_order_anchor(tiny_model, converter: Path, tmp_path: Path, arch: st
     # one KV head per query head (no GQA sharing): a head's value rows belong to that head alone
     model_dir = tiny(tiny_model, arch, num_key_value_heads=CONFIGS[arch].get("num_attention_heads", 4))
     layout = model_layout(model_dir)
-    assert read_config(model_dir)["num_key_value_heads"] == layout.num_heads == 4
+    assert text_config(read_config(model_dir), arch_specs()[arch])["num_key_value_heads"] == layout.num_heads == 4
     layer, head, s = 0, 2, 3.0
     # the anchor: head 2's values times s, in the model's own v_proj (the model's attention then
     # scales head 2's output, whatever the order of o_proj's columns)

@@ -47,6 +47,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
                       tie_word_embeddings=False),
     # 4 layers: the 4th has no RoPE
     "smollm3": dict(model_type="smollm3", architectures=["SmolLM3ForCausalLM"], num_hidden_layers=4, pad_token_id=2),
+    # Gemma 3 as released from 4B up: a multimodal checkpoint, the text model (BASE, overrides) in text_config
+    "gemma3": dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"],
+                   text_config=dict(head_dim=64, num_key_value_heads=1, sliding_window=512, query_pre_attn_scalar=64),
+                   vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=32, patch_size=8),
+                   mm_tokens_per_image=4, image_token_index=3, boi_token_index=4, eoi_token_index=5),
 }
 
 
@@ -73,10 +79,15 @@ def build_tiny_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    spec = {**BASE, **CONFIGS[model_type], **overrides}
+    tokens = dict(vocab_size=49152, bos_token_id=1, eos_token_id=2)
+    spec = {**CONFIGS[model_type]}
+    if "text_config" in spec:  # multimodal: the tiny text model inside
+        spec["text_config"] = {**BASE, **spec["text_config"], **overrides, **tokens}
+    else:
+        spec = {**BASE, **spec, **overrides, **tokens}
     spec.pop("architectures")
     kind = spec.pop("model_type")
-    config = AutoConfig.for_model(kind, vocab_size=49152, bos_token_id=1, eos_token_id=2, **spec)
+    config = AutoConfig.for_model(kind, **spec)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)

@@ -141,8 +141,8 @@ def gguf_layout(header: GGUFHeader, path: Path, model_type: str) -> ModelLayout:
             raise InputError(f"{path}: has no {spec.key('head_dim', arch)}, and {spec.key('hidden_size', arch)} "
                              f"{hidden} is not a multiple of the {heads} heads")
         head_dim = hidden // heads
-    template = spec.o_proj.removesuffix(".weight")  # ModelLayout.o_proj_weight adds it back
-    return ModelLayout(model, layers, heads, head_dim, template, spec.architectures)
+    template = spec.o_proj.removesuffix(".weight")
+    return ModelLayout(model, layers, heads, head_dim, template, spec.architectures, spec.o_proj)
 
 
 def attn_output_targets(header: GGUFHeader, layout: ModelLayout, path: Path) -> list[Target]:

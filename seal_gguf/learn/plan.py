@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from seal_gguf.errors import InputError
-from seal_gguf.model.architectures import ModelLayout, arch_specs, layout_from_config, read_config
+from seal_gguf.model.architectures import (
+    ModelLayout,
+    arch_specs,
+    layout_from_config,
+    read_config,
+    text_config,
+)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 DISK = "disk"
@@ -101,6 +107,7 @@ def model_shape(model_dir: Path) -> ModelShape:
         counts.setdefault(_placement_unit(name, layers_prefix), 0)
     layer_params = tuple(counts.pop(layout.layer_module(i), 0) for i in range(layout.num_layers))
     tied = bool(getattr(hf_config.get_text_config(), "tie_word_embeddings", False))
+    config = text_config(config, spec)  # a multimodal checkpoint's text model
     return ModelShape(
         layout=layout,
         hidden=_int(config, spec.hidden_size, where),

@@ -33,7 +33,10 @@ class ArchSpec:
 
     model_type: str
     o_proj: str  # module path template with {layer}
+    checkpoint_o_proj: str  # the o_proj weight's name in the safetensors checkpoint
     converter_o_proj: str  # the o_proj weight's name inside llama.cpp's converter (after its renames)
+    config_section: str | None  # the config.json key holding the text model's config (multimodal); None: top level
+    converter_model_type: str  # the model_type llama.cpp's converter sees
     num_layers: str  # config keys
     num_heads: str
     num_kv_heads: str
@@ -63,6 +66,7 @@ class ModelLayout:
     head_dim: int
     o_proj_template: str
     gguf_architectures: tuple[str, ...] = ()
+    weight_template: str | None = None  # the weight's name in the checkpoint; None: o_proj_template + ".weight"
 
     @property
     def attn_width(self) -> int:
@@ -81,6 +85,8 @@ class ModelLayout:
         return f"{self.layers_prefix}.{layer}"
 
     def o_proj_weight(self, layer: int) -> str:
+        if self.weight_template is not None:
+            return self.weight_template.format(layer=layer)
         return self.o_proj_module(layer) + ".weight"
 
 
@@ -103,7 +109,10 @@ def _spec(model_type: str, entry: dict[str, Any]) -> ArchSpec:
     return ArchSpec(
         model_type=model_type,
         o_proj=entry["o_proj"],
-        converter_o_proj=entry.get("converter_o_proj", entry["o_proj"] + ".weight"),
+        checkpoint_o_proj=entry.get("checkpoint_o_proj", entry["o_proj"] + ".weight"),
+        converter_o_proj=entry.get("converter_o_proj", entry.get("checkpoint_o_proj", entry["o_proj"] + ".weight")),
+        config_section=entry.get("config_section"),
+        converter_model_type=entry.get("converter_model_type", model_type),
         **entry["config"],
         gguf=GGUFSpec(**{**gguf, "architectures": tuple(gguf["architectures"])}),
         rope_scaling=tuple(entry["rope_scaling"]),
@@ -137,7 +146,7 @@ def converter_layout(layout: ModelLayout) -> dict[str, Any]:
     spec = arch_specs().get(layout.model_type)
     if spec is None:  # a layout made by hand (tests): o_proj as given, nothing to check the config with
         return {"o_proj": layout.o_proj_template + ".weight", "config": {}}
-    return {"o_proj": spec.converter_o_proj,
+    return {"o_proj": spec.converter_o_proj, "model_type": spec.converter_model_type,
             "config": {"num_layers": spec.num_layers, "num_heads": spec.num_heads}}
 
 
@@ -156,6 +165,7 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
             f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
         )
     spec = specs[model_type]
+    config = text_config(config, spec)
     try:
         num_layers = int(config[spec.num_layers])
         num_heads = int(config[spec.num_heads])
@@ -177,10 +187,19 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
     if window is not None and spec.unsupported_sliding_window:
         raise ArchitectureError(f"{where}: this {model_type} model attends within a sliding window of {window} tokens, "
                                 f"shorter than its context; {spec.unsupported_sliding_window}")
-    layout = ModelLayout(model_type, num_layers, num_heads, head_dim, spec.o_proj, spec.gguf_architectures)
+    layout = ModelLayout(model_type, num_layers, num_heads, head_dim, spec.o_proj, spec.gguf_architectures,
+                         spec.checkpoint_o_proj)
     if min(layout.num_layers, layout.num_heads, layout.head_dim) <= 0:
         raise InputError(f"{where}: gives a non-positive head layout: {layout}")
     return layout
+
+
+def text_config(config: dict[str, Any], spec: ArchSpec) -> dict[str, Any]:
+    """The part of config.json that describes the text model (all of it, but for multimodal checkpoints)."""
+    if spec.config_section is None:
+        return config
+    section = config.get(spec.config_section)
+    return section if isinstance(section, dict) else {}
 
 
 def sliding_window(config: dict[str, Any], spec: ArchSpec) -> int | None:
