@@ -37,6 +37,7 @@ from pathlib import Path
 import click
 import torch
 
+from seal_gguf import __version__
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_LABEL
 from seal_gguf.learn.data import make_mixture
 from seal_gguf.learn.objective import make_anchor
@@ -49,6 +50,7 @@ from seal_gguf.learn.train import (
     train_loaded,
 )
 from seal_gguf.measure.general import cost_pytorch
+from seal_gguf.model.checkpoint import model_fingerprint
 from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.loading import load_model, load_tokenizer
 from seal_gguf.scales import identity_scales, read_scales, save_scales
@@ -92,6 +94,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         base = [r for r in rows if r["label"] == "base"]
         if base:
             ax.axhline(float(base[0]["heldout_accuracy"]), color="grey", linewidth=0.8, label="base")
+        ax.set_xlim(left=0.99 if key == "ppl_ratio" else -0.005)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out line retrieval accuracy")
         ax.set_ylim(-0.02, 1.02)
@@ -210,8 +213,13 @@ def main(model: Path | None, points: str, existing: tuple[str, ...], tasks: str,
                 ["seal-gguf", "train", str(model_dir), "-o", path.name, "--granularity", granularity, "--task", tasks,
                  "--samples", str(samples), "--length", str(length), "--lr", repr(lr), "--seed", str(seed),
                  "--anchor-weight", f"{weight:g}"] + (["--min-length", str(min_length)] if min_length else []))
+            # what `seal-gguf train` would record (its held-out cases are these when --eval-seed is seed + 1)
+            base_row = next(r for r in rows if r["label"] == "base")
+            before = (int(base_row["heldout_correct"]), int(base_row["heldout_total"]))
             provenance = {"task": tasks, "samples": str(samples), "length": str(length), "lr": repr(lr),
                           "seed": str(seed), "command": train_command,
+                          "base_fingerprint": model_fingerprint(model_dir, layout), "seal_gguf_version": __version__,
+                          "heldout_accuracy_before": f"{before[0] / before[1]:.3f} ({before[0]}/{before[1]})",
                           "heldout_accuracy_after": f"{result.accuracy_after:.3f} ({result.heldout_after[0]}/"
                                                     f"{result.heldout_after[1]})"}
             provenance |= anchor_provenance(anchor) | cost_provenance(cost)
