@@ -210,6 +210,30 @@ def test_import_check_refuses_another_model(f32_ggufs, tokenizer_dir: Path, tmp_
     assert check_import(f32_ggufs["llama"], same, "float32", meta).mean_kld < 1e-6
 
 
+@pytest.mark.engine
+def test_import_check_catches_transformers_default_scale(f32_ggufs) -> None:
+    """The issue's own case without the derived value: transformers' GGUF import of the tiny Gemma 3
+    (query_pre_attn_scalar left at 256) is caught by the check against llama.cpp."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = f32_ggufs["gemma3_text"]
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    assert model.config.query_pre_attn_scalar != 64
+    with pytest.raises(InputError, match="not the model llama.cpp runs from this GGUF"):
+        check_import(gguf, model, "float32", read_metadata(gguf))
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(("qtype", "dtype"), [("q8_0", "float32"), ("q4_k_m", "bfloat16")])
+def test_import_quantized_gguf_passes_its_check(tiny_model, tmp_path: Path, qtype: str, dtype: str) -> None:
+    """Quantized GGUFs import (llama.cpp computes them with quantized activations: mean KLD ~1e-3 on
+    the tiny models, 4e-3 on SmolLM2's Q4_1, within the 0.05 allowed for quantized types)."""
+    gguf = convert_to_gguf(tiny_model("llama"), tmp_path / f"{qtype}.gguf", qtype, progress=False)
+    result = CliRunner().invoke(cli, ["import-gguf", str(gguf), str(tmp_path / "out"), "--dtype", dtype, "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == dtype
+
+
 # -- 2. validate's gates, both ways, f32 / f16 / bf16, two architectures --
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
