@@ -522,7 +522,7 @@ def trained_on_other(tiny_model, tokenizer_dir: Path, tmp_path_factory: pytest.T
 
 
 @pytest.mark.engine
-def test_base_fingerprint_compared(tiny_model, trained_on_other: Path, tmp_path: Path) -> None:
+def test_base_fingerprint_compared(tiny_model, trained_on_other: Path, text_file: Path, tmp_path: Path) -> None:
     model = tiny_model("llama")
     runner = CliRunner()
     one_line_error(runner.invoke(cli, ["fold", str(model), str(trained_on_other), "-o", str(tmp_path / "f"), "-q"]),
@@ -538,6 +538,11 @@ def test_base_fingerprint_compared(tiny_model, trained_on_other: Path, tmp_path:
     one_line_error(runner.invoke(cli, ["fold-gguf", str(base), str(trained_on_other), "-o", str(tmp_path / "g.gguf"),
                                        "-q"]), "was learned on another checkpoint")
     assert not (tmp_path / "g.gguf").exists()
+    # validate measures what it is given, and says whose scales they are
+    result = runner.invoke(cli, ["validate", str(model), str(trained_on_other), "--text", str(text_file), "--ctx",
+                                 str(CTX), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "Warning:" in result.output and "was learned on another checkpoint" in result.output
 
 
 @pytest.mark.engine

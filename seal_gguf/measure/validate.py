@@ -57,7 +57,13 @@ from seal_gguf.measure.identity import (
 from seal_gguf.measure.runners import HFRunner
 from seal_gguf.measure.texts import builtin_documents, general_documents, retrieval_document
 from seal_gguf.model.architectures import ModelLayout, layout_from_config, read_config
-from seal_gguf.model.checkpoint import check_not_folded, locate_o_proj, read_headers
+from seal_gguf.model.checkpoint import (
+    check_base_fingerprint,
+    check_not_folded,
+    locate_o_proj,
+    read_headers,
+    read_tensor,
+)
 from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.rope import (
     RopeScaling,
@@ -229,6 +235,12 @@ def validate(
     infos = {g: read_gguf_info(g) for g in [*ggufs, *base_ggufs]}
     mismatch = extension_mismatch(scales.metadata.get(ScalesMeta.ROPE_SCALING), rope)
     warnings = [mismatch] if mismatch else []
+    # scales learned on another checkpoint validate as well as their own (the reference applies them
+    # to this model): said, not refused, since validate measures whatever it is given
+    header, entry = locate_o_proj(read_headers(model_dir), layout)[0]
+    other = check_base_fingerprint(scales.metadata.get(ScalesMeta.BASE_FINGERPRINT),
+                                   read_tensor(entry, header.path), scales_path, model_dir, force=True)
+    warnings += [other] if other else []
     for g, info in infos.items():
         check_same_model(info, config, layout, model_dir)
         check_extension(info, config, rope)
@@ -348,7 +360,9 @@ def _level1(model_dir: Path, scales_path: Path, scales: SealScales, folded: Path
             chunks: Sequence[Chunk], reference: LogitStore, tmp: Path, progress: bool,
             warnings: list[str], rope: RopeScaling | None, dtype: str = "F32", noise: float = 0.0) -> FoldedResult:
     if folded is None:
-        folded_dir = fold_checkpoint(model_dir, scales_path, tmp / "folded", progress=progress).out_dir
+        # force: the model was checked to be unfolded, the folder is new, and another checkpoint's
+        # base_fingerprint is already among the warnings
+        folded_dir = fold_checkpoint(model_dir, scales_path, tmp / "folded", force=True, progress=progress).out_dir
     else:
         folded_dir = Path(folded)
         record = read_config(folded_dir).get(CONFIG_FOLD_KEY)
