@@ -20,6 +20,10 @@ BASE: dict[str, Any] = dict(
     rms_norm_eps=1e-6,
 )
 
+# Mixture-of-experts router weights are multiplied by this: the experts a token goes to then do not
+# change with the rounding of f16, bf16 or q8_0 (in the base GGUF as in the folded one).
+ROUTER_SHARPNESS = 8.0
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
     # q/k/v biases: folding must leave them alone
@@ -89,6 +93,10 @@ def build_tiny_model(
     kind = spec.pop("model_type")
     config = AutoConfig.for_model(kind, **spec)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():  # MoE routers, sharper: a random router's near-ties flip under any rounding
+        for name, param in model.named_parameters():
+            if name.endswith(".mlp.gate.weight"):
+                param.mul_(ROUTER_SHARPNESS)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
     for item in Path(tokenizer_dir).iterdir():
