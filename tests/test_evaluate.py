@@ -21,6 +21,7 @@ from seal_gguf.measure.evaluate import (
     CaseResult,
     EvalReport,
     ModelInfo,
+    evaluate,
     mcnemar_exact,
     render_table,
     summarize_report,
@@ -283,3 +284,17 @@ def test_wilson_formula_matches_its_definition() -> None:
     k, n, z = 7, 12, 1.959963984540054
     for end in wilson_interval(k, n):
         assert abs(k / n - end) == pytest.approx(z * math.sqrt(end * (1 - end) / n), abs=1e-9)
+
+
+def test_lengths_beyond_the_context_are_refused_first(tiny_model, smollm2_gguf: Path) -> None:
+    """A prompt longer than the model's context fails before any case runs, naming the context and
+    the remedy: the model past its context is not the model the scales were made for."""
+    from seal_gguf.model.rope import RopeScaling
+
+    folder = tiny_model("llama")  # max_position_embeddings 4096
+    with pytest.raises(InputError, match="does not fit its context of 4096 tokens; .*--rope-scaling"):
+        evaluate([folder], "lines", [4090], 1, progress=False)
+    with pytest.raises(InputError, match="does not fit its context of 8192 tokens"):
+        evaluate([smollm2_gguf], "lines", [9000], 1, progress=False)
+    with pytest.raises(InputError, match="does not fit its context of 8192 tokens"):  # x2 of 4096 is not enough
+        evaluate([folder], "lines", [9000], 1, progress=False, rope=RopeScaling("linear", 2.0))

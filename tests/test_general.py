@@ -279,4 +279,4 @@ def test_eval_general_pairs_seal_with_base_of_its_type(llama: dict, ggufs: dict[
         ("pytorch", f"{llama['dir'].name} + {scales.name}", llama["dir"].name)}
     assert all(g["cost"]["mean_kld"] > 1e-4 for g in general)
     result = CliRunner().invoke(cli, ["eval", str(ggufs["seal"]), "--general-text", str(scales), "-q"])
-    assert result.exit_code == 2 and "--general-text needs --general" in result.output
+    assert result.exit_code == 2 and "need --general" in result.output

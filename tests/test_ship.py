@@ -378,6 +378,17 @@ def test_card_from_real_outputs(shipped: Path, monkeypatch: pytest.MonkeyPatch) 
                                 "--text notes.txt --ctx 64 --json validate.json")
 
 
+def test_card_from_one_report(shipped: Path, tmp_path: Path) -> None:
+    """Either report alone gives a card (each section only where its report is given)."""
+    gguf = shipped / "seal-f16.gguf"
+    ok("card", gguf, "--eval-json", shipped / "eval.json", "-o", tmp_path / "eval-only.md")
+    card = (tmp_path / "eval-only.md").read_text(encoding="utf-8")
+    assert "## Validation against the unfolded model" not in card and "What the scales cost" in card
+    ok("card", gguf, "--validate-json", shipped / "validate.json", "-o", tmp_path / "validate-only.md")
+    card = (tmp_path / "validate-only.md").read_text(encoding="utf-8")
+    assert "## Validation against the unfolded model" in card and "`base-f16.gguf`" in card
+
+
 def test_card_refusals(shipped: Path, tmp_path: Path) -> None:
     gguf = shipped / "seal-f16.gguf"
     (tmp_path / "card.txt").write_text("an earlier card", encoding="utf-8")

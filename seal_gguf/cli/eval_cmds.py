@@ -88,8 +88,8 @@ def eval_cmd(models: tuple[Path, ...], task: str, lengths: list[int], samples: i
     rope = rope_from_options(rope_scaling, rope_factor, rope_original_context)
     if json_out is not None:
         check_output_path(json_out, force, inputs=[*models, scales, general_text])
-    if general_text is not None and not general:
-        raise click.UsageError("--general-text needs --general")
+    if not general and (general_text is not None or general_tokens != GENERAL_TOKENS):
+        raise click.UsageError("--general-text and --general-tokens need --general")
     if plot_out is not None:
         check_plot_path(plot_out, force)
     report = evaluate(list(models), task, lengths, samples, seed=seed, depths=depths, scales=scales,

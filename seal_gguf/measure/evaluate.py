@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import atomic_file, require_gguf
+from seal_gguf.gguffile.header import read_metadata
 from seal_gguf.learn.data import TASKS, Case, make_cases, score_answer
 from seal_gguf.measure.general import GeneralCost, describe_costs, general_costs
 from seal_gguf.measure.runners import open_runner
@@ -224,6 +225,25 @@ def _validate(models: Sequence[Path], task: str, lengths: Sequence[int], samples
             load_scales(scales, model_layout(model))
         if rope is not None and model.is_dir():  # so does a model that cannot take the extension
             extend_config(read_config(model), rope, str(model / "config.json"))
+        _check_context(model, max(lengths) + max_tokens, rope)
+
+
+def _check_context(model: Path, tokens: int, rope: RopeScaling | None) -> None:
+    """Refuse prompts longer than the context the model runs with (its config's or GGUF's, extended
+    by rope for a folder): past it, the model is not the one the scales were made for."""
+    if model.is_dir():
+        config = read_config(model)
+        context = config.get("max_position_embeddings")
+        if rope is not None:
+            context = extend_config(config, rope, str(model / "config.json"))["max_position_embeddings"]
+        remedy = "use shorter --lengths, or extend the context with --rope-scaling"
+    else:
+        metadata = read_metadata(model)
+        context = metadata.get(f"{metadata.get('general.architecture')}.context_length")
+        remedy = "use shorter --lengths, or a GGUF converted with --rope-scaling"
+    if isinstance(context, int) and tokens > context:
+        raise InputError(f"{model}: a prompt of {tokens} tokens (the longest length plus the answer tokens) "
+                         f"does not fit its context of {context} tokens; {remedy}")
 
 
 def generate_cases(tokenizer: Any, task: str, lengths: Sequence[int], samples: int, seed: int,
@@ -258,6 +278,8 @@ def evaluate(
     """
     models = [Path(m) for m in models]
     lengths = sorted(set(int(x) for x in lengths))
+    # the general text is read now: a missing file fails before the retrieval run, not after it
+    general = [read_text_document(Path(general_text))] if general_tokens and general_text else None
     scales = Path(scales) if scales else None
     _validate(models, task, lengths, samples, scales, max_tokens, rope)
     if depths is None and task == "niah":
@@ -306,8 +328,7 @@ def evaluate(
             ))
     summarize_report(report)
     if general_tokens:
-        documents = [read_text_document(Path(general_text))] if general_text else None
-        report.general = general_costs(models, scales, documents, general_tokens, progress=progress)
+        report.general = general_costs(models, scales, general, general_tokens, progress=progress)
     return report
 
 

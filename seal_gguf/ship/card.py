@@ -340,7 +340,7 @@ def render_card(facts: GGUFFacts, recipe: Recipe | None, validation: tuple[dict[
         report, where = retrieval
         lines += retrieval_section(report, facts, where, known_types)
     if granularity:
-        lines += cost_section(facts, recipe, [r for r, _ in (validation, retrieval) if r is not None])
+        lines += cost_section(facts, recipe, [given[0] for given in (validation, retrieval) if given is not None])
     n_ctx, reason = default_context(facts, recipe)
     lines += usage_section(facts, n_ctx, reason)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d")
