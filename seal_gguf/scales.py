@@ -31,6 +31,10 @@ from seal_gguf.model.architectures import ModelLayout, converter_layout
 
 @dataclass
 class SealScales:
+    """A scales file in memory (read_scales / load_scales): values float32, [L, H] for granularity
+    "head" (SEAL-H) or [L, H, D] for "channel" (SEAL-C), 1.0 the identity; metadata all strings
+    (ScalesMeta keys); sha256 of the file it was read from."""
+
     values: torch.Tensor  # float32, [L, H] or [L, H, D]
     granularity: str
     model_type: str

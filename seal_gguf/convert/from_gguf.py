@@ -99,6 +99,14 @@ def derive_config(config: Any, metadata: dict[str, Any]) -> list[str]:
 
 def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: bool = False,
                 progress: bool = True) -> Path:
+    """Write the GGUF's model as a plain HF checkpoint in out_dir (dequantized to dtype: float32,
+    bfloat16 or float16), with its tokenizer and chat template; return out_dir.
+
+    Written only when it is the GGUF's model: config values transformers does not read are derived
+    as llama.cpp derives them, and the import is compared with the GGUF in llama.cpp on a short
+    token sequence first. A GGUF with folded scales is marked as folded in config.json. Raises
+    InputError (not a readable GGUF, a split part, missing weights, an import that differs from
+    the GGUF), OutputExistsError (out_dir exists, unless force)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from seal_gguf.model.loading import quiet_transformers  # runners imports this module

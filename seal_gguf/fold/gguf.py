@@ -313,7 +313,15 @@ def write_folded(path: Path, raw_header: bytes, out: Path, targets: list[Target]
 
 def fold_gguf(in_path: Path, scales_path: Path, out_path: Path, force: bool = False,
               progress: bool = True) -> FoldGGUFResult:
-    """Write a copy of the GGUF in_path to out_path (atomically) with the scales folded into attn_output."""
+    """Write a copy of the GGUF in_path to out_path (atomically) with the scales folded into attn_output.
+
+    Every blk.N.attn_output.weight (ne0 = heads·head_dim input columns, HF order) has column j
+    multiplied by the scale of column j; f32/f16/bf16 exactly, legacy quants requantized by gguf-py,
+    K / IQ types by llama.cpp's quantizer (lossy; see the module docstring). The seal.* keys record
+    the scales and the source GGUF's sha256. Raises InputError (not a GGUF, split part, truncated),
+    ArchitectureError (an architecture or layout seal-gguf cannot fold), ScalesError (scales that do
+    not fit, or from another checkpoint on an F32 GGUF unless force), AlreadyFoldedError (the GGUF
+    already carries scales, unless force), OutputExistsError, EngineError (llama.cpp's quantizer)."""
     in_path, scales_path, out_path = Path(in_path), Path(scales_path), Path(out_path)
     header, raw_header = read_gguf_header(require_gguf(in_path))
     check_not_folded_gguf(header, in_path, force)

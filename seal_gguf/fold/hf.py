@@ -107,7 +107,16 @@ def fold_checkpoint(
     force: bool = False,
     progress: bool = True,
 ) -> FoldResult:
-    """Write a folded copy of model_dir to out_dir (atomically); model_dir is only read."""
+    """Write a folded copy of the HF checkpoint model_dir to out_dir (atomically); model_dir is only read.
+
+    Column j of every layer's o_proj weight ([hidden, heads·head_dim]) is multiplied by the scale of
+    column j (SEAL-H: s[layer, head] repeated over the head's head_dim columns; SEAL-C: s[layer, head,
+    channel]) in float32 and stored back in the checkpoint's dtype: W_o·diag(s), the paper's offline
+    fold (arXiv 2501.15225; DESIGN.md section 2). Every other tensor is copied byte for byte;
+    config.json records the fold (constants.CONFIG_FOLD_KEY). progress: a bar on stderr.
+    Raises InputError (bad folder), ScalesError (scales that do not fit, learned on another
+    checkpoint unless force, or weights out of the dtype's range), AlreadyFoldedError (model_dir
+    already folded, unless force), OutputExistsError (out_dir exists, unless force)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = read_config(model_dir)
     layout = layout_from_config(config, model_dir / "config.json")

@@ -52,7 +52,12 @@ def o_proj_modules(model: nn.Module, layout: ModelLayout) -> list[nn.Linear]:
 
 
 def attach_scales(model: nn.Module, layout: ModelLayout, values: torch.Tensor) -> ScaleHooks:
-    """Scale every head's output by `values` ([L, H] or [L, H, D]; may be a trainable Parameter)."""
+    """Scale every head's output by `values` ([L, H] or [L, H, D]; may be a trainable Parameter).
+
+    A forward pre-hook on each layer's o_proj multiplies its input (the heads' outputs, concatenated
+    in head order, [..., heads·head_dim]) by the values expanded to that width: where SEAL acts
+    (arXiv 2501.15225). The returned ScaleHooks removes them (remove(), or use it in a `with`).
+    Raises ArchitectureError when the model has no o_proj where the layout says."""
     head_wise = values.dim() == 2
 
     def make_hook(layer: int):
