@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from seal_gguf.errors import InputError, OutputExistsError
-from seal_gguf.learn.data import (
+from seal_gguf.tasks import (
     ADJECTIVES,
     KV_VALUES,
     LINE_VALUES,
@@ -148,7 +148,7 @@ def test_same_cases_in_another_process(tokenizer, tokenizer_dir: Path) -> None:
     script = (
         "import dataclasses, hashlib, json, sys\n"
         "from transformers import AutoTokenizer\n"
-        "from seal_gguf.learn.data import TASKS, make_cases\n"
+        "from seal_gguf.tasks import TASKS, make_cases\n"
         "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
         "print(json.dumps({k: hashlib.sha256(json.dumps([dataclasses.asdict(c) for c in "
         "make_cases(t, k, 400, 3, seed=11)]).encode()).hexdigest() for k in TASKS}))\n"

@@ -16,7 +16,6 @@ from seal_gguf.cli.app import cli
 from seal_gguf.convert.to_gguf import convert_to_gguf
 from seal_gguf.errors import AlreadyFoldedError, InputError
 from seal_gguf.fold.hf import fold_checkpoint
-from seal_gguf.learn.data import make_cases
 from seal_gguf.measure.evaluate import (
     CaseResult,
     EvalReport,
@@ -31,6 +30,7 @@ from seal_gguf.measure.runners import open_runner
 from seal_gguf.model.architectures import model_layout
 from seal_gguf.model.loading import load_tokenizer
 from seal_gguf.scales import expected_shape, save_scales
+from seal_gguf.tasks import make_cases
 
 CASE_FIELDS = {"model", "length", "depth", "index", "expected", "given", "correct", "prompt_tokens", "seconds"}
 ACCURACY_FIELDS = {"model", "length", "depth", "correct", "total", "accuracy", "ci_low", "ci_high"}

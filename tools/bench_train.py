@@ -37,9 +37,9 @@ def peak_rss_mib() -> float:
 def measure(model_dir: Path, length: int, cases: int, checkpointing: bool, granularity: str, device: str,
             dtype: str) -> dict[str, float]:
     """Runs inside the worker process."""
-    from seal_gguf.learn.data import make_cases
     from seal_gguf.learn.train import DEFAULT_LR, fit_scales
     from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
+    from seal_gguf.tasks import make_cases
 
     torch_device = resolve_device(device)
     tokenizer = load_tokenizer(model_dir)

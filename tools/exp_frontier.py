@@ -39,7 +39,6 @@ import torch
 
 from seal_gguf import __version__
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_LABEL
-from seal_gguf.learn.data import make_mixture
 from seal_gguf.learn.objective import make_anchor
 from seal_gguf.learn.train import (
     DEFAULT_LR,
@@ -54,6 +53,7 @@ from seal_gguf.model.checkpoint import model_fingerprint
 from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.loading import load_model, load_tokenizer
 from seal_gguf.scales import identity_scales, read_scales, save_scales
+from seal_gguf.tasks import make_mixture
 
 from benchlib import BENCHMARKS, machine, model_option, smollm2_folder
 

@@ -12,7 +12,6 @@ import click
 
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_HEAD
 from seal_gguf.fileio import atomic_file, check_output_path
-from seal_gguf.learn.data import TASKS, load_cases, make_mixture, parse_tasks, save_cases
 from seal_gguf.learn.measure_step import measure_step
 from seal_gguf.learn.objective import DEFAULT_ANCHOR_WEIGHT, DEFAULT_ANCHOR_WINDOW
 from seal_gguf.learn.plan import (
@@ -29,6 +28,7 @@ from seal_gguf.learn.train import DEFAULT_GENERAL_TOKENS, DEFAULT_LR, train_scal
 from seal_gguf.model.loading import DEVICES, DTYPES, load_tokenizer
 from seal_gguf.model.rope import rope_for_model
 from seal_gguf.scales import save_scales
+from seal_gguf.tasks import TASKS, load_cases, make_mixture, parse_tasks, save_cases
 
 from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
 

@@ -47,9 +47,9 @@ def _measure_in_this_process(model_dir: str, length: int, dtype: str, checkpoint
                              device_name: str, task: str) -> dict[str, Any]:
     import torch
 
-    from seal_gguf.learn.data import make_cases
     from seal_gguf.learn.train import fit_scales
     from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
+    from seal_gguf.tasks import make_cases
 
     def status(key: str) -> int:
         with open("/proc/self/status") as lines:

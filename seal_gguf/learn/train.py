@@ -9,7 +9,7 @@ that they stay positive, as the scales file requires (a scale that small mutes i
 
 Beyond the paper (issue 19): by default each step adds the anchor term λ·KL(base ‖ SEAL) on one
 window of general text (seal_gguf.learn.objective), so the scales keep the model's general ability;
-cases may mix tasks and vary in length (seal_gguf.learn.data.make_mixture); and after training the
+cases may mix tasks and vary in length (seal_gguf.tasks.make_mixture); and after training the
 cost on the built-in measurement text (never trained on) is measured and recorded beside the
 held-out accuracy.
 """
@@ -31,7 +31,6 @@ from tqdm import tqdm
 from seal_gguf import __version__
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_CHANNEL, GRANULARITY_HEAD, ScalesMeta
 from seal_gguf.errors import InputError, ScalesError
-from seal_gguf.learn.data import Case, encode_case, make_mixture, parse_tasks, score_answer
 from seal_gguf.learn.objective import (
     DEFAULT_ANCHOR_WEIGHT,
     DEFAULT_ANCHOR_WINDOW,
@@ -58,6 +57,7 @@ from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
 from seal_gguf.model.rope import RopeScaling
 from seal_gguf.scales import identity_scales
+from seal_gguf.tasks import Case, encode_case, make_mixture, parse_tasks, score_answer
 
 DEFAULT_LR = {GRANULARITY_HEAD: 1e-2, GRANULARITY_CHANNEL: 2e-2}
 MIN_SCALE = 1e-3
@@ -272,7 +272,7 @@ def train_scales(
     split with `seed` unless `cases` are given; held-out cases are fresh "eval" cases of the same
     tasks at the full length with seed + 1, scored before and after training.
 
-    task: one task or a comma list ("lines,kv"): cases interleaved (seal_gguf.learn.data.make_mixture);
+    task: one task or a comma list ("lines,kv"): cases interleaved (seal_gguf.tasks.make_mixture);
     min_length: lengths drawn uniformly from min_length..length (default: all at length).
     anchor_weight: λ of the anchor term λ·KL(base ‖ SEAL) on anchor_text (default: the built-in anchor
     text) in windows of anchor_window tokens; 0 trains on the answers alone (the paper's recipe).

@@ -21,7 +21,7 @@ def builtin_documents() -> list[Document]:
 
 def retrieval_document(tokenizer: Any, length: int = RETRIEVAL_TOKENS) -> Document:
     """One generated line-retrieval prompt in the model's chat template, followed by its answer."""
-    from seal_gguf.learn.data import make_cases
+    from seal_gguf.tasks import make_cases
 
     case = make_cases(tokenizer, "lines", length, 1, RETRIEVAL_SEED)[0]
     return Document(f"lines-{length}", case.prompt + case.answer)

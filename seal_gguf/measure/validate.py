@@ -250,7 +250,7 @@ def validate(
     tokenizer = runner.tokenizer
     documents = [read_text_document(text)] if text else [*builtin_documents(), retrieval_document(tokenizer)]
     if task is not None:
-        from seal_gguf.learn.data import make_cases
+        from seal_gguf.tasks import make_cases
 
         make_cases(tokenizer, task, int(length or 0), 1, seed)  # a bad --length fails now, not after Level 2
     hf_ids = [list(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in documents]
