@@ -31,6 +31,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,10 @@ def _pieces(text: str) -> list[str]:
     return _PIECE.findall(text)
 
 
+def _count_rendered(tokenizer: Any, render: Callable[[int, int], str], start: int, k: int) -> int:
+    return count_tokens(tokenizer, render(start, k))
+
+
 def _fit_count(count: Callable[[int], int], target: int, guess: int, upper: int) -> int | None:
     """k in [0, upper] with count(k) == target, by steps of (target - count(k)); None if jumped over."""
     k = min(max(guess, 0), upper)
@@ -415,7 +420,7 @@ def _haystack_case(
 
     for start in range(8):
         upper = len(pieces) - start
-        k = _fit_count(lambda k, s=start: count_tokens(tokenizer, render(s, k)), length, length - base, upper)
+        k = _fit_count(partial(_count_rendered, tokenizer, render, start), length, length - base, upper)
         if k is not None:
             return Case(task, render(start, k), answer, expected, length, depth, seed)
     raise InputError(f"{task}: could not fit a prompt of exactly {length} tokens with this tokenizer")

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from seal_gguf.cli.app import cli
 from seal_gguf.errors import ArchitectureError, InputError, OutputExistsError, ScalesError
-from seal_gguf.model.architectures import ModelLayout, layout_from_config, supported_model_types
+from seal_gguf.model.architectures import ModelLayout, arch_specs, layout_from_config, supported_model_types
 from seal_gguf.scales import check_against, load_scales, read_scales, save_scales, scales_metadata
 
 LAYOUT = ModelLayout("llama", num_layers=3, num_heads=4, head_dim=8, o_proj_template="model.layers.{layer}.self_attn.o_proj")
@@ -99,9 +99,11 @@ def test_missing_metadata_and_tensor(tmp_path: Path) -> None:
 
 
 def test_every_architecture_loads() -> None:
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}
     for model_type in supported_model_types():
-        layout = layout_from_config({"model_type": model_type, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                     "hidden_size": 64})
+        section = arch_specs()[model_type].config_section  # multimodal checkpoints: the text model's config
+        config = {"model_type": model_type, **({section: shape} if section else shape)}
+        layout = layout_from_config(config)
         assert layout.head_dim == 16 and layout.o_proj_weight(1).endswith("layers.1.self_attn.o_proj.weight")
     explicit = layout_from_config({"model_type": "mistral", "num_hidden_layers": 2, "num_attention_heads": 4,
                                    "hidden_size": 64, "head_dim": 32})

@@ -17,7 +17,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -121,8 +121,9 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: b
             tokenizer = gguf_tokenizer(gguf_path)
             config = AutoConfig.from_pretrained(folder, gguf_file=name)
             derive_config(config, metadata)
-            loaded, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config,
-                                                                dtype=IMPORT_DTYPES[dtype], output_loading_info=True)
+            # with output_loading_info, transformers returns (model, info); its stubs do not say so
+            loaded, info = cast(Any, AutoModelForCausalLM.from_pretrained)(
+                folder, gguf_file=name, config=config, dtype=IMPORT_DTYPES[dtype], output_loading_info=True)
     except Exception as exc:  # transformers' GGUF reader raises bare struct/index errors on corrupt files
         text = first_line(exc)
         if "ignore_mismatched_sizes" in str(exc):

@@ -326,23 +326,23 @@ def check_f16_range(model_dir: Path, headers: list[ShardHeader], layout: ModelLa
     converter's f16 (or its F16 fallback for rows that are not whole blocks), an f16 intermediate
     before quantizing, or --attn-output-type f16."""
     stored = stored_attn_output_type(converter_type, plan, layout)
-    where = {stored: None}
+    where: str | None = None  # what stores the weights in float16, if anything
     if stored == "f16":
         if plan is not None:
-            where[stored] = "--attn-output-type f16"
+            where = "--attn-output-type f16"
         elif converter_type == "f16":
-            where[stored] = "--outtype f16"
+            where = "--outtype f16"
         else:
-            where[stored] = (f"the converter's F16 fallback for attn_output (its rows of {layout.attn_width} are not "
-                             f"whole {converter_type.upper()} blocks of {CONVERTER_BLOCK[converter_type]})")
+            where = (f"the converter's F16 fallback for attn_output (its rows of {layout.attn_width} are not "
+                     f"whole {converter_type.upper()} blocks of {CONVERTER_BLOCK[converter_type]})")
     elif plan is not None and converter_type == "f16":
-        where[stored] = "the float16 intermediate this float16 checkpoint is quantized from"
-    if where[stored] is None:
+        where = "the float16 intermediate this float16 checkpoint is quantized from"
+    if where is None:
         return
     peak = max_folded_abs(model_dir, layout, scales)
     if peak > F16_MAX:
         raise ScalesError(f"folded o_proj weights reach |w| = {peak:.6g}, beyond float16's range "
-                          f"({F16_MAX:g}) used by {where[stored]}; use --outtype bf16 or f32"
+                          f"({F16_MAX:g}) used by {where}; use --outtype bf16 or f32"
                           + (" from a bfloat16 or float32 checkpoint" if converter_type == "f16" and plan else "")
                           + (", or --attn-output-type bf16 or f32" if plan is None and converter_type != "f16" else ""))
 

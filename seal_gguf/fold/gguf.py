@@ -118,7 +118,7 @@ def gguf_layout(header: GGUFHeader, path: Path, model_type: str) -> ModelLayout:
     architecture (a "llama" GGUF may come from llama or mistral); otherwise the first one.
     """
     entry = header.kv.get(Keys.General.ARCHITECTURE)
-    arch = None if entry is None else entry.value
+    arch = "" if entry is None else str(entry.value)
     candidates = [name for name, spec in arch_specs().items() if arch in spec.gguf_architectures]
     if not candidates:
         known = sorted({a for spec in arch_specs().values() for a in spec.gguf_architectures})

@@ -110,7 +110,7 @@ def device_map_for(model_dir: Path, spec: str, max_memory: str | None, length: i
     return device_map, torch.device(accelerators[0] if accelerators else CPU)
 
 
-def enable_checkpointing(model: nn.Module) -> None:
+def enable_checkpointing(model: Any) -> None:  # a transformers model
     """Non-reentrant checkpointing: gradients reach the hooked scales without input grads."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
@@ -141,7 +141,7 @@ def checkpointed_layers(model: nn.Module) -> Iterator[None]:
 # -- loss and decoding --
 
 @torch.no_grad()
-def greedy_continuation(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
+def greedy_continuation(model: Any, prompt_ids: Sequence[int], max_new_tokens: int,
                         stop_ids: set[int], device: torch.device) -> list[int]:
     """The argmax continuation: a fresh generation config, so no sampling or repetition penalty
     that the model's own generation_config may carry."""
@@ -207,7 +207,7 @@ def fit_scales(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Seq
             with attach_scales(model, layout, scales):
                 loss = answer_loss(model, prompt_ids, answer_ids, device)
                 total = loss
-                if base_logp is not None:
+                if base_logp is not None and anchor is not None:
                     kl = kl_base_seal(base_logp, window_log_probs(model, anchor.window_for(number - 1), device))
                     total = loss + anchor.weight * kl.to(loss.device)
                 if not torch.isfinite(total):

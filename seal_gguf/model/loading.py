@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import GGUF_MAGIC, first_line, gguf_magic, require_gguf
@@ -139,7 +138,7 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(model_dir: Path, device: torch.device, dtype: str, progress: bool = True,
                rope: RopeScaling | None = None, device_map: dict[str, str] | None = None,
-               offload_folder: Path | None = None, folded_ok: bool = False) -> tuple[nn.Module, ModelLayout]:
+               offload_folder: Path | None = None, folded_ok: bool = False) -> tuple[Any, ModelLayout]:
     """The model frozen, in eval mode, with SDPA attention (its context extended by rope, if given);
     and its head layout. With a device map (module -> cuda:N, mps, cpu or disk; see seal_gguf.learn.plan)
     accelerate dispatches the layers and `device` is where the inputs go. The one loader of HF
@@ -163,7 +162,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: str, progress: bool
         extra |= {"device_map": accelerate_device_map(device_map), "offload_folder": str(offload_folder)}
     try:
         with nullcontext() if progress else quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(
+            model: Any = AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype=DTYPES[dtype], attn_implementation="sdpa", use_safetensors=True, **extra
             )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
