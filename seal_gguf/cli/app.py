@@ -59,7 +59,11 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-force_option = click.option("--force", is_flag=True, help="Replace an existing output / fold an already-folded model.")
+force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
+fold_force_option = click.option(
+    "--force", is_flag=True,
+    help="Replace an existing output; also fold into a model that already carries scales, or scales whose "
+         "base_fingerprint names another checkpoint (said in a warning).")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
 # Paths are checked by the library, which names the file and says what to do.

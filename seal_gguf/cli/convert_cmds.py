@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from seal_gguf.convert.to_gguf import LLAMA_CPP_ENV, convert_to_gguf
 from seal_gguf.model.rope import extension_mismatch, rope_for_model
 from seal_gguf.scales import read_scales
 
-from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
+from .app import PATH, cli, fold_force_option, force_option, handle_errors, quiet_option, rope_options
 from .ship_cmds import check_modelfile, modelfile_after_conversion, ollama_flag
 
 outtype_option = click.option(
@@ -33,9 +34,9 @@ verbose_option = click.option("-v", "--verbose", is_flag=True, help="Show the co
 output_option = click.option("-o", "--output", "out_path", type=PATH, required=True, help="The GGUF file to write.")
 
 
-def conversion_options(func: Callable[..., Any]) -> Callable[..., Any]:
+def conversion_options(func: Callable[..., Any], force: Callable[..., Any] = force_option) -> Callable[..., Any]:
     for option in reversed((output_option, outtype_option, imatrix_option, attn_output_option, llama_cpp_option,
-                            rope_options, verbose_option, force_option, quiet_option)):
+                            rope_options, verbose_option, force, quiet_option)):
         func = option(func)
     return func
 
@@ -48,7 +49,7 @@ def report(out_path: Path, outtype: str, started: float) -> None:
 @cli.command("fold-and-convert")
 @click.argument("model_dir", type=PATH)
 @click.argument("scales", type=PATH)
-@conversion_options
+@functools.partial(conversion_options, force=fold_force_option)
 @ollama_flag
 @handle_errors
 def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str, imatrix: Path | None,

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import click
 
-from .app import PATH, cli, force_option, handle_errors, quiet_option
+from .app import PATH, cli, fold_force_option, handle_errors, quiet_option
 
 
 @cli.command("fold-gguf")
 @click.argument("gguf_file", type=PATH)
 @click.argument("scales", type=PATH)
 @click.option("-o", "--output", "out_path", type=PATH, required=True, help="The folded GGUF to write.")
-@force_option
+@fold_force_option
 @quiet_option
 @handle_errors
 def fold_gguf_cmd(gguf_file: Path, scales: Path, out_path: Path, force: bool, quiet: bool) -> None:

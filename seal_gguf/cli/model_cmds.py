@@ -14,7 +14,7 @@ from seal_gguf.measure.plots import check_plot_path, plot_scales
 from seal_gguf.scales import read_scales
 from seal_gguf.ship.inspect import inspect_path
 
-from .app import PATH, cli, force_option, handle_errors, quiet_option
+from .app import PATH, cli, fold_force_option, force_option, handle_errors, quiet_option
 
 
 @cli.command()
@@ -82,7 +82,7 @@ def inspect(path: Path, as_json: bool, plot_out: Path | None, force: bool) -> No
 @click.argument("model_dir", type=PATH)
 @click.argument("scales", type=PATH)
 @click.option("-o", "--output", "out_dir", type=PATH, required=True, help="Folder for the folded checkpoint.")
-@force_option
+@fold_force_option
 @quiet_option
 @handle_errors
 def fold(model_dir: Path, scales: Path, out_dir: Path, force: bool, quiet: bool) -> None:

@@ -116,10 +116,10 @@ class CostSummary:
 
     def describe(self) -> str:
         """One line, e.g. "PPL ×1.019 (15.6 → 15.9), mean KLD 0.012, 99% KLD 0.09, same top-1 97.1%
-        over 4,096 tokens"."""
+        over 4,096 scored positions"."""
         return (f"PPL ×{self.ppl_ratio:.3f} ({_ppl(self.ppl_base)} → {_ppl(self.ppl_seal)}), "
                 f"mean KLD {_kld(self.mean_kld)}, 99% KLD {_kld(self.p99_kld)}, "
-                f"same top-1 {100 * self.same_top:.1f}% over {self.tokens:,} tokens")
+                f"same top-1 {100 * self.same_top:.1f}% over {self.tokens:,} scored positions")
 
 
 def _ppl(x: float) -> str:
