@@ -26,188 +26,50 @@ every process and its first m cases equal the set of m cases. No set is ever ite
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
+from seal_gguf.cases import TASKS, Case, count_tokens, wrap_prompt
 from seal_gguf.errors import InputError
-from seal_gguf.fileio import atomic_file, require_file
+from seal_gguf.task_words import (
+    ADJECTIVES,
+    CONSONANTS,
+    DISHES,
+    KV_HEADER,
+    KV_PREFIX,
+    KV_QUESTION,
+    KV_VALUES,
+    LINE_VALUES,
+    LINES_HEADER,
+    LINES_PREFIX,
+    LINES_QUESTION,
+    NEEDLES,
+    NIAH_INTRO,
+    NOUNS,
+    PASSKEY_FILLER,
+    PASSKEY_INTRO,
+    PASSKEY_NEEDLE,
+    PASSKEY_PREFIX,
+    PASSKEY_QUESTION,
+    PLACES,
+    PROSE,
+    THINGS,
+    TIMES,
+    VAULTS,
+    VERBS,
+    VOWELS,
+)
 
-TASKS = ("lines", "passkey", "niah", "kv")
 SPLITS = ("train", "eval")
-
-# -- vocabularies (tuples: fixed order, no hash randomisation) --
-ADJECTIVES = (
-    "able", "absent", "agile", "alert", "ancient", "angry", "brave", "bright", "brisk", "broad", "bumpy",
-    "busy", "calm", "careful", "cheerful", "chilly", "clever", "cloudy", "clumsy", "cold", "cozy", "crisp",
-    "curious", "damp", "dark", "dizzy", "dusty", "eager", "early", "electric", "elegant", "empty", "fancy",
-    "fearless", "fierce", "fluffy", "foggy", "fragile", "free", "fresh", "friendly", "frozen", "funny",
-    "gentle", "giant", "gifted", "glad", "golden", "graceful", "grumpy", "happy", "hasty", "heavy", "hidden",
-    "hollow", "honest", "humble", "hungry", "icy", "idle", "jolly", "juicy", "keen", "kind", "lazy", "little",
-    "lively", "lonely", "loud", "lucky", "mellow", "merry", "mighty", "misty", "modern", "muddy", "narrow",
-    "neat", "nervous", "noble", "noisy", "odd", "old", "orange", "patient", "plain", "polite", "proud",
-    "purple", "quick", "quiet", "rapid", "rare", "restless", "rich", "rough", "round", "rusty", "sandy",
-    "scarlet", "shiny", "silent", "silver", "simple", "sleepy", "slow", "smooth", "snowy", "soft", "solid",
-    "sour", "spicy", "steady", "stormy", "strange", "sturdy", "sunny", "sweet", "swift", "tall", "tame",
-    "tender", "tiny", "tough", "velvet", "wandering", "warm", "wild", "windy", "wise", "witty", "young",
-)
-NOUNS = (
-    "anchor", "apple", "arrow", "badger", "banner", "basket", "beacon", "beetle", "bell", "bottle", "bridge",
-    "bucket", "button", "cabin", "camel", "candle", "canyon", "castle", "cat", "cellar", "chair", "cherry",
-    "circle", "cliff", "clock", "cloud", "comet", "compass", "coral", "cricket", "crown", "dagger", "desert",
-    "dolphin", "door", "dragon", "drum", "eagle", "engine", "falcon", "feather", "fern", "fiddle", "flame",
-    "forest", "fountain", "fox", "garden", "giraffe", "glacier", "goblet", "harbor", "hammer", "harp", "hawk",
-    "helmet", "hill", "island", "jacket", "jungle", "kettle", "kite", "ladder", "lantern", "lemon", "lion",
-    "lizard", "magnet", "maple", "meadow", "mirror", "monkey", "moon", "mountain", "needle", "nest", "ocean",
-    "orchard", "otter", "owl", "paddle", "palace", "panda", "parrot", "pebble", "pencil", "pepper", "piano",
-    "pigeon", "pillow", "planet", "pocket", "pond", "puzzle", "rabbit", "raven", "ribbon", "river", "robot",
-    "rocket", "saddle", "sailor", "shadow", "shell", "spider", "spoon", "squirrel", "star", "statue", "storm",
-    "sword", "table", "teapot", "tiger", "tower", "tractor", "trumpet", "tulip", "turtle", "umbrella",
-    "valley", "violin", "wagon", "walrus", "whale", "whistle", "window", "witch",
-)
-# niah haystack prose
-VERBS = (
-    "wandered", "rested", "waited", "danced", "slept", "sang", "worked", "played", "listened", "laughed",
-    "lingered", "argued", "whispered", "stayed", "paused", "travelled",
-)
-PLACES = (
-    "old mill", "river bank", "market square", "village well", "harbor wall", "hillside", "orchard gate",
-    "town hall", "bakery", "lighthouse", "train station", "library", "bridge", "chapel", "school yard",
-    "farmhouse",
-)
-TIMES = (
-    "in the morning", "at dusk", "after the rain", "before the festival", "every winter", "on Sundays",
-    "late at night", "at noon", "during the harvest", "in early spring",
-)
-PROSE = (
-    "The {adj} {noun} {verb} near the {place} {time}.",
-    "A {adj} {noun} was seen by the {place} {time}.",
-    "Nobody knew why the {noun} at the {place} looked so {adj}.",
-    "The children said that the {noun} was {adj}, but their teacher disagreed.",
-    "Some travellers claim that a {adj} {noun} brings luck to the {place}.",
-    "Everyone at the {place} talked about the {adj} {noun} for days.",
-    "The {noun} and the {noun2} {verb} together {time}.",
-    "An old story tells of a {adj} {noun} that lived beside the {place}.",
-    "Beyond the {place}, the road grew {adj} and the {noun} {verb} alone.",
-    "It was {time} that the {noun} first {verb} by the {place}.",
-)
-# niah needles: (statement, question, answer prefix); {name} and {value} are made-up words
-NEEDLES = (
-    ("The secret ingredient of the {name} {dish} is {value}.",
-     "What is the secret ingredient of the {name} {dish}?", "The secret ingredient of the {name} {dish} is"),
-    ("The password to the {name} {vault} is {value}.",
-     "What is the password to the {name} {vault}?", "The password to the {name} {vault} is"),
-    ("The captain of the {name} fleet is called {value}.",
-     "What is the captain of the {name} fleet called?", "The captain of the {name} fleet is called"),
-    ("The {name} tribe's word for {thing} is {value}.",
-     "What is the {name} tribe's word for {thing}?", "The {name} tribe's word for {thing} is"),
-)
-DISHES = ("stew", "pie", "soup", "cake", "bread", "curry", "salad", "pudding", "tart", "dumplings")
-VAULTS = ("vault", "gate", "tower", "archive", "observatory", "treasury")
-THINGS = ("rain", "friendship", "silence", "morning", "courage", "river", "laughter", "winter")
-# Made-up words are consonant-vowel syllables; the two splits use disjoint consonants.
-CONSONANTS = {"train": "bdfgkl", "eval": "mnprstvz"}
-VOWELS = "aeiou"
-
-LINES_HEADER = (
-    "Below is a record of lines I want you to remember. Each line begins with 'line <line index>' and "
-    "contains a '<REGISTER_CONTENT>' at the end of the line as a numerical value. For each line index, "
-    "memorize its corresponding <REGISTER_CONTENT>. At the end of the record, I will ask you to retrieve "
-    "the corresponding <REGISTER_CONTENT> of a certain line index. Now the record start:\n\n"
-)
-LINES_QUESTION = (
-    "\nNow the record is over. Tell me what is the <REGISTER_CONTENT> in line {id}? I need the number."
-)
-LINES_PREFIX = "The <REGISTER_CONTENT> in line {id} is"
-LINE_VALUES = (1, 50000)
-KV_HEADER = (
-    "Below is a table of made-up codes, one per row, each with its number. Memorize the number of every "
-    "code: at the end I will ask you for the number of one of them.\n\n"
-)
-KV_QUESTION = "\n\nThat is the whole table. What is the number of the code {id}?"
-KV_PREFIX = "The number of the code {id} is"
-KV_VALUES = (1, 99999)
-PASSKEY_INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-    "I will quiz you about the important information there.\n\n"
-)
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = "\n\nWhat is the pass key?"
-PASSKEY_PREFIX = "The pass key is"
-NIAH_INTRO = (
-    "Below is a long text. Somewhere in it there is one important fact. Read the text carefully, "
-    "then answer the question that follows it.\n\n"
-)
 
 _MAX_FIT_STEPS = 60
 MIN_LINES = 3  # besides the queried line
 _PIECE = re.compile(r"\s*[^\s.,;:!?]+|\s*[.,;:!?]")
 _ARTICLE = re.compile(r"\b([Aa]) (?=[aeiou])")
-_NUMBER = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+")
-_CASE_FIELDS = {"task": str, "prompt": str, "answer": str, "expected": str, "length": int, "seed": int}
-
-
-@dataclass(frozen=True)
-class Case:
-    task: str  # "lines" | "passkey" | "niah" | "kv"
-    prompt: str  # full model input (chat template, specials, BOS as text) ending with the answer prefix
-    answer: str  # label continuation after the prompt, e.g. " 31452."
-    expected: str  # the value to retrieve, e.g. "31452"
-    length: int  # prompt tokens, counted as in the module docstring
-    depth: float | None  # where the queried line / needle sits: 0..100 percent of the record / haystack
-    seed: int
-
-
-# -- tokens --
-
-def count_tokens(tokenizer: Any, text: str) -> int:
-    """Prompt length under this module's rule: no specials added (the text carries them)."""
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def encode_case(tokenizer: Any, case: Case) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids). The answer ids are those of the joint tokenization, so they are
-    what the model would see (and generate) after the prompt."""
-    prompt_ids = list(tokenizer(case.prompt, add_special_tokens=False).input_ids)
-    full = list(tokenizer(case.prompt + case.answer, add_special_tokens=False).input_ids)
-    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-        return prompt_ids, full[len(prompt_ids):]
-    # the answer merged into the prompt's last token: use its own tokens
-    return prompt_ids, list(tokenizer(case.answer, add_special_tokens=False).input_ids)
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    return bos_id is not None and list(tokenizer("a").input_ids[:1]) == [bos_id]
-
-
-def wrap_prompt(tokenizer: Any, message: str, prefix: str) -> str:
-    """The model's chat template around the user message, then the answer prefix (see module doc)."""
-    if getattr(tokenizer, "chat_template", None):
-        from jinja2 import TemplateError
-
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True,
-                enable_thinking=False,  # templates with a thinking mode: answer directly
-            )
-        except (TemplateError, ValueError, TypeError) as exc:
-            raise InputError(f"the tokenizer's chat template failed on a user message ({exc})") from None
-    else:
-        text = message + "\n\n"
-    text += prefix
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos and _adds_bos(tokenizer) and not text.startswith(bos):
-        text = bos + text
-    return text
-
-
 # -- helpers --
 
 def _case_rng(task: str, split: str, seed: int, index: int) -> random.Random:
@@ -523,71 +385,4 @@ def make_mixture(
         size = length if min_length is None else _case_rng("length", split, seed, i).randint(min_length, length)
         depth = round(_case_rng(task + "/depth", split, seed, j).uniform(0.0, 100.0), 1)
         cases.append(_MAKERS[task](tokenizer, size, depth, seed, _case_rng(task, split, seed, j), split))
-    return cases
-
-
-# -- scoring --
-
-def score_answer(case: Case, output: str) -> bool:
-    """lines / passkey / kv: the first number in the output equals the expected one (thousands commas
-    allowed). niah: the made-up value appears in the output as a whole word (any case)."""
-    text = str(output)
-    if case.task == "niah":
-        pattern = rf"(?<![A-Za-z]){re.escape(case.expected)}(?![A-Za-z])"
-        return re.search(pattern, text, flags=re.IGNORECASE) is not None
-    match = _NUMBER.search(text)
-    return match is not None and match.group().replace(",", "") == case.expected
-
-
-# -- JSONL --
-
-def save_cases(path: Path, cases: Sequence[Case], force: bool = False) -> None:
-    """One JSON object per line; written atomically."""
-    with atomic_file(Path(path), force=force) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for case in cases:
-                f.write(json.dumps(asdict(case), ensure_ascii=False) + "\n")
-
-
-def _case_from_json(obj: Any, where: str) -> Case:
-    if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object")
-    missing = [k for k in (*_CASE_FIELDS, "depth") if k not in obj]
-    if missing:
-        raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
-    for key, kind in _CASE_FIELDS.items():
-        if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
-            raise InputError(f"{where}: field {key!r} must be {kind.__name__}, found {obj[key]!r:.40}")
-    if obj["task"] not in TASKS:
-        raise InputError(f"{where}: unknown task {obj['task']!r}")
-    if obj["length"] <= 0:
-        raise InputError(f"{where}: length must be > 0")
-    depth = obj["depth"]
-    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float))
-                              or not 0 <= depth <= 100):
-        raise InputError(f"{where}: depth must be null or a number in 0..100, found {depth!r}")
-    return Case(obj["task"], obj["prompt"], obj["answer"], obj["expected"], obj["length"],
-                None if depth is None else float(depth), obj["seed"])
-
-
-def load_cases(path: Path) -> list[Case]:
-    path = require_file(Path(path), "cases file")
-    cases: list[Case] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
-                cases.append(_case_from_json(obj, where))
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not a UTF-8 text file") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc})") from None
-    if not cases:
-        raise InputError(f"{path}: holds no cases")
     return cases

@@ -15,23 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from seal_gguf.cases import TASKS, Case, count_tokens, encode_case, load_cases, save_cases, score_answer
 from seal_gguf.errors import InputError, OutputExistsError
-from seal_gguf.tasks import (
-    ADJECTIVES,
-    KV_VALUES,
-    LINE_VALUES,
-    NOUNS,
-    TASKS,
-    Case,
-    count_tokens,
-    encode_case,
-    load_cases,
-    make_cases,
-    make_mixture,
-    parse_tasks,
-    save_cases,
-    score_answer,
-)
+from seal_gguf.task_words import ADJECTIVES, KV_VALUES, LINE_VALUES, NOUNS
+from seal_gguf.tasks import make_cases, make_mixture, parse_tasks
 
 
 @pytest.fixture(scope="module")

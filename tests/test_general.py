@@ -239,7 +239,7 @@ def test_validate_reports_the_cost(llama: dict, ggufs: dict[str, Path], tmp_path
     two engines agree; --general-tokens 0 skips it."""
     from click.testing import CliRunner
 
-    from seal_gguf.cli import cli
+    from seal_gguf.cli.app import cli
 
     scales = ggufs["seal"].with_suffix(".safetensors")
     args = ["validate", str(llama["dir"]), str(scales), str(ggufs["seal"]), "--base-gguf", str(ggufs["base"]),
@@ -264,7 +264,7 @@ def test_eval_general_pairs_seal_with_base_of_its_type(llama: dict, ggufs: dict[
     against itself without; the accuracy table and the cost side by side, in the JSON too."""
     from click.testing import CliRunner
 
-    from seal_gguf.cli import cli
+    from seal_gguf.cli.app import cli
 
     scales = ggufs["seal"].with_suffix(".safetensors")
     out = tmp_path / "eval.json"

@@ -12,10 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from seal_gguf.cases import encode_case
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import CONFIG_FOLD_KEY
 from seal_gguf.errors import InputError
-from seal_gguf.learn.train import answer_loss, greedy_continuation
+from seal_gguf.learn.objective import answer_loss
+from seal_gguf.learn.train import greedy_continuation
 from seal_gguf.measure.heads import (
     CSV_COLUMNS,
     _row_factors,
@@ -28,7 +30,7 @@ from seal_gguf.measure.heads import (
 from seal_gguf.model.hooks import attach_scales, o_proj_modules
 from seal_gguf.model.loading import load_model, load_tokenizer
 from seal_gguf.scales import identity_scales, save_scales
-from seal_gguf.tasks import encode_case, make_cases
+from seal_gguf.tasks import make_cases
 
 CPU = torch.device("cpu")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "seal_gguf"
 # Earlier layers never import later ones; a name matches a module and everything below it.
 LAYERS = [
     ("seal_gguf.errors", "seal_gguf.constants", "seal_gguf.fileio"),
-    ("seal_gguf.texts", "seal_gguf.kld", "seal_gguf.tasks"),
+    ("seal_gguf.texts", "seal_gguf.kld", "seal_gguf.cases", "seal_gguf.task_words", "seal_gguf.tasks"),
     ("seal_gguf.gguffile",),
     ("seal_gguf.model",),
     ("seal_gguf.scales", "seal_gguf.bundled"),

@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import seal_gguf.learn.train as train_module
+from seal_gguf.cases import encode_case, load_cases
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import ScalesMeta
 from seal_gguf.errors import InputError
@@ -26,7 +27,7 @@ from seal_gguf.model.architectures import model_layout
 from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.loading import load_model, load_tokenizer
 from seal_gguf.scales import identity_scales, load_scales
-from seal_gguf.tasks import encode_case, load_cases, make_cases
+from seal_gguf.tasks import make_cases
 
 CPU = torch.device("cpu")
 

@@ -7,13 +7,13 @@ from typing import Any
 
 import click
 
+from seal_gguf.cases import TASKS
 from seal_gguf.fileio import check_output_path
 from seal_gguf.measure.evaluate import evaluate, render_table, write_eval_json
 from seal_gguf.measure.general import GENERAL_TOKENS
 from seal_gguf.measure.plots import check_plot_path, plot_report
 from seal_gguf.model.rope import rope_from_options
 from seal_gguf.ship.chat import ChatSession, ContextFull, read_document
-from seal_gguf.tasks import TASKS
 
 from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
 

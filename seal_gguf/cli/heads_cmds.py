@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from seal_gguf.cases import TASKS
 from seal_gguf.fileio import check_output_path
 from seal_gguf.measure.heads import (
     DEFAULT_BATCH_SIZE,
@@ -16,7 +17,6 @@ from seal_gguf.measure.heads import (
 )
 from seal_gguf.measure.plots import check_plot_path
 from seal_gguf.model.loading import DEVICES, DTYPES
-from seal_gguf.tasks import TASKS
 
 from .app import PATH, cli, handle_errors, quiet_option
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from seal_gguf.cases import TASKS, load_cases, save_cases
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_HEAD
 from seal_gguf.fileio import atomic_file, check_output_path
 from seal_gguf.learn.measure_step import measure_step
@@ -28,7 +29,7 @@ from seal_gguf.learn.train import DEFAULT_GENERAL_TOKENS, DEFAULT_LR, train_scal
 from seal_gguf.model.loading import DEVICES, DTYPES, load_tokenizer
 from seal_gguf.model.rope import rope_for_model
 from seal_gguf.scales import save_scales
-from seal_gguf.tasks import TASKS, load_cases, make_mixture, parse_tasks, save_cases
+from seal_gguf.tasks import make_mixture, parse_tasks
 
 from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
 

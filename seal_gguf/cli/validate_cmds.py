@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
+from seal_gguf.cases import TASKS
 from seal_gguf.fileio import check_output_path
 from seal_gguf.measure.general import GENERAL_TOKENS
 from seal_gguf.measure.validate import DEFAULT_CTX, raise_for_failures, validate, write_validation_json
 from seal_gguf.measure.validate_report import format_report
 from seal_gguf.model.rope import rope_for_model
-from seal_gguf.tasks import TASKS
 
 from .app import PATH, cli, handle_errors, quiet_option, rope_options
 

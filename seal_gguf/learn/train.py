@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from seal_gguf import __version__
+from seal_gguf.cases import Case, encode_case, score_answer
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_CHANNEL, GRANULARITY_HEAD, ScalesMeta
 from seal_gguf.errors import InputError, ScalesError
 from seal_gguf.learn.objective import (
@@ -57,7 +58,7 @@ from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
 from seal_gguf.model.rope import RopeScaling
 from seal_gguf.scales import identity_scales
-from seal_gguf.tasks import Case, encode_case, make_mixture, parse_tasks, score_answer
+from seal_gguf.tasks import make_mixture, parse_tasks
 
 DEFAULT_LR = {GRANULARITY_HEAD: 1e-2, GRANULARITY_CHANNEL: 2e-2}
 MIN_SCALE = 1e-3

@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from seal_gguf.cases import TASKS, Case, score_answer
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import atomic_file, require_gguf
 from seal_gguf.gguffile.header import read_metadata
@@ -26,7 +27,7 @@ from seal_gguf.model.architectures import model_layout, read_config
 from seal_gguf.model.loading import load_tokenizer
 from seal_gguf.model.rope import RopeScaling, extend_config
 from seal_gguf.scales import load_scales
-from seal_gguf.tasks import TASKS, Case, make_cases, score_answer
+from seal_gguf.tasks import make_cases
 from seal_gguf.texts import read_text_document
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile

@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from seal_gguf.cases import Case, encode_case
 from seal_gguf.errors import ArchitectureError, InputError
 from seal_gguf.fileio import atomic_file
 from seal_gguf.measure.plots import HeadGrid, plot_head_grids
 from seal_gguf.model.architectures import ModelLayout
 from seal_gguf.model.hooks import o_proj_modules
 from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
-from seal_gguf.tasks import Case, encode_case, make_cases
+from seal_gguf.tasks import make_cases
 
 DEFAULT_FACTORS = (0.0,)
 DEFAULT_BATCH_SIZE = 8
