@@ -305,3 +305,22 @@ def test_ctrl_c_leaves_no_file(llama: Path, tmp_path: Path, monkeypatch: pytest.
                                       "--length", "320", "--device", "cpu", "--eval-samples", "0", "-q"])
     assert result.exit_code == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_refused_before_any_case_is_generated(tiny_model, tmp_path: Path) -> None:
+    """A length beyond the model's context, or a folded model, fails at once (one line), not after
+    minutes of generating cases; and plan's bad --max-memory fails before it prints a plan."""
+    from seal_gguf.errors import AlreadyFoldedError
+    from seal_gguf.fold.hf import fold_checkpoint
+    from seal_gguf.scales import save_scales
+
+    folder = tiny_model("llama")  # max_position_embeddings 4096
+    with pytest.raises(InputError, match="beyond the model's context of 4096 tokens; .*--rope-scaling"):
+        train_scales(folder, samples=1, length=100_000, eval_samples=0, progress=False)
+    layout = model_layout(folder)
+    save_scales(tmp_path / "s.safetensors", identity_scales(layout, "head") * 1.5, layout, "head")
+    folded = fold_checkpoint(folder, tmp_path / "s.safetensors", tmp_path / "folded", progress=False).out_dir
+    with pytest.raises(AlreadyFoldedError, match="already has SEAL scales folded in"):
+        train_scales(folded, samples=1, length=100_000, eval_samples=0, progress=False)
+    result = CliRunner().invoke(cli, ["plan", str(folder), "--max-memory", "0=abc"])
+    assert result.exit_code == 1 and result.output.startswith("Error:"), result.output

@@ -223,6 +223,7 @@ def plan(model_dir: Path, length: int, dtype: str, granularity: str, no_gradient
     """
     if write_device_map is not None:
         check_output_path(write_device_map, force)
+    budgets = parse_max_memory(max_memory) if max_memory else None  # a bad spec fails before any output
     shape = model_shape(model_dir)
     checkpointing = not no_gradient_checkpointing
     step = estimate_step(shape, length, dtype, checkpointing, granularity)
@@ -235,7 +236,7 @@ def plan(model_dir: Path, length: int, dtype: str, granularity: str, no_gradient
     other = estimate_step(shape, length, dtype, not checkpointing, granularity)
     click.echo(f"  ({'without' if checkpointing else 'with'} checkpointing: {_size(other.total)}; if attention "
                f"fell back to PyTorch's math kernel, add {_size(step.math_attention)})")
-    budgets = parse_max_memory(max_memory) if max_memory else available_memory()
+    budgets = budgets or available_memory()
     placement = place_layers(shape, step, budgets)
     _print_placement(placement, budgets, max_memory)
     if write_device_map is not None:

@@ -53,10 +53,10 @@ from seal_gguf.learn.plan import (
     read_device_map,
 )
 from seal_gguf.model.architectures import ModelLayout, read_config
-from seal_gguf.model.checkpoint import model_fingerprint
+from seal_gguf.model.checkpoint import check_not_folded, model_fingerprint
 from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
-from seal_gguf.model.rope import RopeScaling
+from seal_gguf.model.rope import RopeScaling, extend_config
 from seal_gguf.scales import identity_scales
 from seal_gguf.tasks import make_mixture, parse_tasks
 
@@ -285,8 +285,16 @@ def train_scales(
     the layers spread over GPUs, CPU RAM and disk (accelerate's dispatch; `device` is then unused).
     """
     model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    # before minutes of generating cases: a folded model, or prompts beyond the model's context
+    check_not_folded(config, str(model_dir), force=False, remedy="use the original, unfolded model")
     if rope is not None:
-        rope = rope.resolved(read_config(model_dir), str(model_dir / "config.json"))
+        rope = rope.resolved(config, str(model_dir / "config.json"))
+    context = (extend_config(config, rope, str(model_dir / "config.json")) if rope else config).get(
+        "max_position_embeddings")
+    if cases is None and isinstance(context, int) and length > context:
+        raise InputError(f"{model_dir}: --length {length} is beyond the model's context of {context} tokens; "
+                         "use a shorter --length, or extend the context with --rope-scaling")
     if granularity not in GRANULARITIES:
         raise InputError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
     if eval_samples < 0:
