@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from seal_gguf.errors import EngineError, InputError, ScalesError
 from seal_gguf.fileio import atomic_file, check_output_path, no_room_error, require_file
+from seal_gguf.gguffile.header import read_metadata
+from seal_gguf.gguffile.metadata import file_type_name
 
 # llama-quantize's type names -> llama_ftype constants of llama-cpp-python
 QUANT_TYPES: dict[str, str] = {
@@ -293,6 +295,10 @@ def check_written_gguf(path: Path, expected_attn_output: str | None = None, fold
                  f"not whole {expected_attn_output.upper()} blocks of {block}")  # type: ignore[union-attr]
 
 
+# The GGUF types llama.cpp's quantizer takes as input (gguf-py's LlamaFileType names, lower case).
+QUANTIZABLE_FROM = ("f32", "f16", "bf16")
+
+
 def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None = None,
              attn_output_type: str | None = None, force: bool = False, progress: bool = True,
              verbose: bool = False, warn: Callable[[str], None] | None = warn_on_stderr) -> Path:
@@ -306,6 +312,10 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
     with open(in_path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InputError(f"{in_path}: not a GGUF file (bad magic)")
+    file_type = file_type_name(read_metadata(in_path).get("general.file_type"))  # a truncated file fails here
+    if file_type not in QUANTIZABLE_FROM + ("unknown",):
+        raise InputError(f"{in_path}: a {file_type} GGUF; llama.cpp's quantizer starts from f32, f16 or bf16 "
+                         "(requantizing loses quality): convert the model again with --outtype f16, bf16 or f32")
     check_output_path(out_path, force, inputs=[in_path, imatrix])
     with atomic_file(out_path, force=force) as tmp:
         try:
@@ -318,7 +328,6 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
 
 def _has_seal_keys(path: Path) -> bool:
     from seal_gguf.constants import GGUFKeys
-    from seal_gguf.gguffile.header import read_metadata
 
     return GGUFKeys.SCALES_SHA256 in read_metadata(path)
 

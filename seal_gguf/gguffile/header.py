@@ -149,7 +149,10 @@ def read_gguf_header(path: Path) -> tuple[GGUFHeader, bytes]:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             header = parse_header(buf)
             return header, buf[:header.data_offset]
-    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+    except struct.error:  # a read past the end: the file stops inside its header
+        raise InputError(f"{path}: not a readable GGUF file (it ends at byte {Path(path).stat().st_size:,}, "
+                         "inside its header: truncated?)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable GGUF file ({exc})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None

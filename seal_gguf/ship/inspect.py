@@ -24,6 +24,8 @@ def inspect_path(path: Path) -> dict[str, Any]:
         magic = f.read(4)
     if magic == b"GGUF":
         return {"kind": "gguf", "path": str(path), "metadata": gguf_seal_metadata(path)}
+    if path.suffix.lower() == ".gguf":
+        raise InputError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
     scales = read_scales(path)
     return {"kind": "scales", "path": str(path), "metadata": scales.metadata, "sha256": scales.sha256,
             **summarize_scales(scales)}
