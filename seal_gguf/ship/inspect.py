@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from seal_gguf.constants import CONFIG_FOLD_KEY
+from seal_gguf.errors import InputError
 from seal_gguf.fileio import require_file
 from seal_gguf.gguffile.metadata import gguf_seal_metadata
 from seal_gguf.model.architectures import read_config
