@@ -1,5 +1,6 @@
 """Text as the measuring and training steps take it: a document (a packaged text or a user's
-UTF-8 file), the tokens a tokenizer puts before any text, and a document's token chunks.
+UTF-8 file), the tokens a tokenizer puts before any text, a document's token chunks; and the
+plain-text tables the reports print.
 """
 
 from __future__ import annotations
@@ -71,3 +72,8 @@ def make_chunks(documents: Sequence[tuple[str, list[int]]], prefix: list[int], c
     return chunks
 
 
+def grid(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as aligned text lines: the first column left-aligned (labels), the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            .rstrip() for r in rows]

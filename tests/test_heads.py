@@ -17,7 +17,6 @@ from seal_gguf.cli.app import cli
 from seal_gguf.constants import CONFIG_FOLD_KEY
 from seal_gguf.errors import InputError
 from seal_gguf.learn.objective import answer_loss
-from seal_gguf.learn.train import greedy_continuation
 from seal_gguf.measure.heads import (
     CSV_COLUMNS,
     _row_factors,
@@ -27,6 +26,7 @@ from seal_gguf.measure.heads import (
     single_head_rows,
     sweep_heads,
 )
+from seal_gguf.model.generate import greedy_continuation
 from seal_gguf.model.hooks import attach_scales, o_proj_modules
 from seal_gguf.model.loading import load_model, load_tokenizer
 from seal_gguf.scales import identity_scales, save_scales

@@ -54,6 +54,7 @@ from seal_gguf.learn.plan import (
 )
 from seal_gguf.model.architectures import ModelLayout, read_config
 from seal_gguf.model.checkpoint import check_not_folded, model_fingerprint
+from seal_gguf.model.generate import greedy_continuation, stop_token_ids
 from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
 from seal_gguf.model.rope import RopeScaling, extend_config
@@ -140,30 +141,6 @@ def checkpointed_layers(model: nn.Module) -> Iterator[None]:
 
 
 # -- loss and decoding --
-
-@torch.no_grad()
-def greedy_continuation(model: Any, prompt_ids: Sequence[int], max_new_tokens: int,
-                        stop_ids: set[int], device: torch.device) -> list[int]:
-    """The argmax continuation: a fresh generation config, so no sampling or repetition penalty
-    that the model's own generation_config may carry."""
-    from transformers import GenerationConfig
-
-    ids = torch.tensor([list(prompt_ids)], device=device)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stop_ids) or None,
-                              pad_token_id=min(stop_ids, default=0))
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return [t for t in out[0, ids.shape[1]:].tolist() if t not in stop_ids]
-
-
-def stop_token_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
-
 
 def heldout_accuracy(model: nn.Module, tokenizer: Any, cases: Sequence[Case], device: torch.device,
                      progress: bool, desc: str) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from seal_gguf.model.loading import load_tokenizer
 from seal_gguf.model.rope import RopeScaling, extend_config
 from seal_gguf.scales import load_scales
 from seal_gguf.tasks import make_cases
-from seal_gguf.texts import read_text_document
+from seal_gguf.texts import grid, read_text_document
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
@@ -348,13 +348,6 @@ def _cell(acc: Accuracy) -> str:
     return f"{acc.correct}/{acc.total} {acc.accuracy:.2f} [{acc.ci_low:.2f},{acc.ci_high:.2f}]"
 
 
-def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-    return [line(header), *(line(r) for r in rows)]
-
-
 def _length_label(length: int) -> str:
     return f"{length} tok"
 
@@ -366,14 +359,14 @@ def render_table(report: EvalReport) -> str:
     header = ["model", *(_length_label(x) for x in report.lengths), "s/case"]
     rows = [[m.name, *(_cell(report.cell(m.name, x)) for x in report.lengths), f"{m.seconds_per_case:.2f}"]
             for m in report.models]
-    out += _grid(header, rows)
+    out += grid([header, *rows])
     if report.task == "niah" and report.depths:
         for m in report.models:
             out += ["", f"{m.name}: accuracy by depth (rows, % of context) and length"]
             header = ["depth", *(_length_label(x) for x in report.lengths)]
             rows = [[f"{d:g}%", *(f"{report.cell(m.name, x, d).correct}/{report.cell(m.name, x, d).total}"
                                   for x in report.lengths)] for d in report.depths]
-            out += _grid(header, rows)
+            out += grid([header, *rows])
     if report.paired:
         first = report.models[0].name
         out += ["", f"Paired with {first} (same cases): both right / {first} only / other only / both wrong, "
@@ -386,7 +379,7 @@ def render_table(report: EvalReport) -> str:
                 p = next(p for p in report.paired if p.model_b == m.name and p.length == length)
                 cells.append(f"{p.both}/{p.a_only}/{p.b_only}/{p.neither} p={p.p_value:.3g}")
             rows.append([m.name, *cells])
-        out += _grid(header, rows)
+        out += grid([header, *rows])
     if report.general:
         out += ["", "What SEAL costs on general text (SEAL vs base):", *describe_costs(report.general)]
     for m in report.models:

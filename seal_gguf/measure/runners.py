@@ -16,6 +16,7 @@ from seal_gguf.errors import EngineError, InputError
 from seal_gguf.fileio import first_line, require_gguf
 from seal_gguf.gguffile.llama import load_llama
 from seal_gguf.model.architectures import model_layout
+from seal_gguf.model.generate import greedy_continuation
 from seal_gguf.model.loading import load_model, load_tokenizer
 from seal_gguf.model.rope import RopeScaling
 from seal_gguf.texts import special_prefix
@@ -109,19 +110,8 @@ class HFRunner:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return _with_prefix(list(ids), self._prefix)
 
-    @torch.no_grad()
     def generate(self, prompt: str, max_tokens: int) -> str:
-        from transformers import GenerationConfig
-
-        ids = torch.tensor([self.tokenize(prompt)], device=self.device)
-        # A fresh config, not the model's generation_config: no sampling, no repetition penalty,
-        # so the answer is the argmax continuation, as llama.cpp's greedy sampler gives.
-        config = GenerationConfig(
-            max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(self._eos),
-            pad_token_id=min(self._eos) if self._eos else 0,
-        )
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        new = out[0, ids.shape[1]:].tolist()
+        new = greedy_continuation(self.model, self.tokenize(prompt), max_tokens, self._eos, self.device)
         return str(self.tokenizer.decode(new, skip_special_tokens=True))
 
     def close(self) -> None:

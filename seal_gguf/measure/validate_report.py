@@ -9,6 +9,7 @@ from pathlib import Path
 from seal_gguf.measure.general import describe_costs
 from seal_gguf.measure.validate import GGUFResult, ValidationReport
 from seal_gguf.model.rope import parse_rope_scaling
+from seal_gguf.texts import grid
 
 
 def _percent(x: float) -> str:
@@ -40,7 +41,7 @@ def format_report(report: ValidationReport) -> str:
     if report.ggufs:
         out += ["", "Level 2, GGUF in llama.cpp vs PyTorch on the same tokens "
                     "(seal: vs the model with scales; base: vs the model without)"]
-        out += _grid(_level2_rows(report.ggufs))
+        out += grid(_level2_rows(report.ggufs))
     if report.general:
         out += ["", "What SEAL costs on general text: the model with its scales vs without (for scale: a base "
                     "GGUF's mean KLD in Level 2 is what quantization costs)"]
@@ -102,9 +103,3 @@ def _level2_rows(results: Sequence[GGUFResult]) -> list[list[str]]:
     if any(ratios):  # folding's own cost: mean KLD over the base GGUF's of the same type
         rows.insert(6, ["Mean KLD / base", *ratios])
     return rows
-
-
-def _grid(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
-            for r in rows]
