@@ -72,3 +72,21 @@ def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from seal_gguf.convert.from_gguf import import_gguf
 
     return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model")
+
+
+@pytest.fixture(scope="session")
+def converter() -> Path:
+    """The patched converter in the user cache (fetched once per machine)."""
+    from seal_gguf.convert.to_gguf import provision_converter
+
+    return provision_converter(progress=False)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 230 tokens of validate's built-in prose (no digits: see test_builtin_text)."""
+    from seal_gguf.measure.texts import builtin_documents
+
+    path = tmp_path_factory.mktemp("text") / "prose.txt"
+    path.write_text(builtin_documents()[0].text[:1000], encoding="utf-8")
+    return path

@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_fold import logits
-from test_rope import llama_cpp_logits
+from helpers import llama_cpp_logits, logits
 from tiny_models import CONFIGS
 
 from seal_gguf.constants import GRANULARITIES

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import one_line_error
 
 from seal_gguf.cli.app import cli
 from seal_gguf.ship.chat import ChatSession, ContextFull
@@ -13,14 +14,6 @@ from seal_gguf.ship.chat import ChatSession, ContextFull
 
 def invoke(*args: object, input: str | None = None):
     return CliRunner().invoke(cli, ["chat", *(str(a) for a in args)], input=input)
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.slow

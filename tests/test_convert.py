@@ -14,27 +14,21 @@ import torch
 from click.testing import CliRunner
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize
+from helpers import random_scales
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_fold import random_scales
 
 import seal_gguf.convert.to_gguf as convert_module
 from seal_gguf import __version__
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import GGUF_RECIPE_KEYS, GGUF_SEAL_PREFIX, SCALES_TENSOR, GGUFKeys, ScalesMeta
 from seal_gguf.convert.quantize import quantize, read_imatrix
-from seal_gguf.convert.to_gguf import convert_to_gguf, lossless_outtype, provision_converter
+from seal_gguf.convert.to_gguf import convert_to_gguf, lossless_outtype
 from seal_gguf.errors import EngineError, InputError
 from seal_gguf.fold.hf import fold_checkpoint
 from seal_gguf.model.architectures import ModelLayout, model_layout
 from seal_gguf.model.checkpoint import model_fingerprint, read_header, weight_files
 from seal_gguf.scales import read_scales, save_scales, scales_metadata
-
-
-@pytest.fixture(scope="session")
-def converter() -> Path:
-    """The patched converter in the user cache (fetched once per machine)."""
-    return provision_converter(progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import scales_file
 from tiny_models import build_tiny_model
 
 from seal_gguf.cli.app import cli
@@ -28,11 +29,10 @@ from seal_gguf.convert.from_gguf import check_import, derive_config, import_gguf
 from seal_gguf.convert.to_gguf import convert_to_gguf
 from seal_gguf.errors import InputError, ScalesError
 from seal_gguf.gguffile.header import read_gguf_header, read_metadata
-from seal_gguf.measure.texts import builtin_documents
 from seal_gguf.model.architectures import model_layout
 from seal_gguf.model.checkpoint import model_fingerprint, read_headers, weight_files
 from seal_gguf.model.loading import load_tokenizer
-from seal_gguf.scales import expected_shape, read_scales, save_scales
+from seal_gguf.scales import expected_shape, read_scales
 
 CTX = 128
 
@@ -47,23 +47,6 @@ def one_line_error(result, expect: str) -> None:
     assert "Traceback" not in result.output, result.output
     assert lines and lines[-1].startswith("Error: ") and expect in lines[-1], result.output
     assert sum(line.startswith("Error: ") for line in lines) == 1
-
-
-def head_scales(path: Path, model_dir: Path, values: torch.Tensor | None = None, seed: int = 7,
-                provenance: dict[str, str] | None = None) -> Path:
-    layout = model_layout(model_dir)
-    if values is None:
-        g = torch.Generator().manual_seed(seed)
-        values = torch.exp(0.5 * torch.randn(expected_shape(layout, "head"), generator=g))
-    save_scales(path, values, layout, "head", provenance=provenance, force=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "prose.txt"
-    path.write_text(builtin_documents()[0].text[:1000], encoding="utf-8")
-    return path
 
 
 def add_kv(src: Path, dst: Path, pairs: dict[str, int]) -> Path:
@@ -246,8 +229,8 @@ def test_validate_gates_calibrated(tiny_model, text_file: Path, tmp_path: Path, 
     """A correct fold of an f32 / f16 / bf16 checkpoint passes Level 1 and Level 2 (its GGUF in the
     checkpoint's own type); scales rolled by one head fail both levels."""
     model_dir = tiny_model(arch, dtype=DTYPES[dtype])
-    scales = head_scales(tmp_path / "s.safetensors", model_dir)
-    rolled = head_scales(tmp_path / "rolled.safetensors", model_dir, read_scales(scales).values.roll(1, dims=1))
+    scales = scales_file(tmp_path / "s.safetensors", model_dir)
+    rolled = scales_file(tmp_path / "rolled.safetensors", model_dir, values=read_scales(scales).values.roll(1, dims=1))
     runner = CliRunner()
     reports = {}
     for name, s in (("right", scales), ("rolled", rolled)):
@@ -282,7 +265,7 @@ def test_validate_base_gguf_calibrates_kld_limit(tiny_model, text_file: Path, tm
     from seal_gguf.kld import BASE_KLD_FACTOR, DEFAULT_MAX_MEAN_KLD
 
     model_dir = tiny_model("llama")
-    scales = head_scales(tmp_path / "s.safetensors", model_dir)
+    scales = scales_file(tmp_path / "s.safetensors", model_dir)
     seal = convert_to_gguf(model_dir, tmp_path / "seal.gguf", "q8_0", scales, progress=False)
     base = convert_to_gguf(model_dir, tmp_path / "base.gguf", "q8_0", progress=False)
     report = tmp_path / "r.json"
@@ -320,7 +303,7 @@ def test_tokenizer_without_tokens_refused_where_it_enters(silent_tokenizer_model
 @pytest.mark.parametrize("command", ["validate", "eval", "train", "heads"])
 def test_tokenizer_without_tokens_one_line(silent_tokenizer_model: Path, tmp_path: Path, command: str) -> None:
     model = silent_tokenizer_model
-    scales = head_scales(tmp_path / "s.safetensors", model)
+    scales = scales_file(tmp_path / "s.safetensors", model)
     args = {
         "validate": ["validate", str(model), str(scales), "--json", str(tmp_path / "r.json")],
         "eval": ["eval", str(model), "--task", "lines", "--lengths", "200", "--samples", "1"],
@@ -365,7 +348,7 @@ def gguf_tensor_types(path: Path) -> dict[str, str]:
 def test_huge_scales_never_write_inf(odd_rows: Path, tmp_path: Path, outtype: str) -> None:
     """SEAL-H scales of 1e6: every type whose attn_output ends up in float16 (the converter's F16
     fallback for q8_0 rows of 120, f16 itself) is refused; nothing is written."""
-    scales = head_scales(tmp_path / "s.safetensors", odd_rows, torch.full(expected_shape(model_layout(odd_rows), "head"),
+    scales = scales_file(tmp_path / "s.safetensors", odd_rows, values=torch.full(expected_shape(model_layout(odd_rows), "head"),
                                                                            1e6))
     out = tmp_path / "out.gguf"
     result = CliRunner().invoke(cli, ["fold-and-convert", str(odd_rows), str(scales), "-o", str(out),
@@ -388,7 +371,7 @@ def test_huge_scales_never_write_inf(odd_rows: Path, tmp_path: Path, outtype: st
 def test_quantizer_refusal_explained(odd_rows: Path, tmp_path: Path) -> None:
     """A folded f32 GGUF with weights beyond float16, quantized to q8_0 (rows of 120: llama.cpp falls
     back to F16): llama.cpp's 'quantized data validation failed' becomes the reason, nothing written."""
-    scales = head_scales(tmp_path / "s.safetensors", odd_rows, torch.full(expected_shape(model_layout(odd_rows), "head"),
+    scales = scales_file(tmp_path / "s.safetensors", odd_rows, values=torch.full(expected_shape(model_layout(odd_rows), "head"),
                                                                            1e6))
     f32 = convert_to_gguf(odd_rows, tmp_path / "f32.gguf", "f32", scales, progress=False)
     out = tmp_path / "q8.gguf"
@@ -434,7 +417,7 @@ def test_written_gguf_checked_for_non_finite(tmp_path: Path, qtype: str) -> None
 @pytest.mark.engine
 def test_attn_output_type_fallback_said(odd_rows: Path, tmp_path: Path) -> None:
     """--attn-output-type q4_k on rows of 120: llama.cpp stores another type; stderr says which."""
-    scales = head_scales(tmp_path / "s.safetensors", odd_rows)
+    scales = scales_file(tmp_path / "s.safetensors", odd_rows)
     out = tmp_path / "out.gguf"
     result = CliRunner().invoke(cli, ["fold-and-convert", str(odd_rows), str(scales), "-o", str(out),
                                       "--outtype", "q8_0", "--attn-output-type", "q4_k", "-q"])
@@ -491,7 +474,7 @@ def test_ambiguous_folder_refused(tiny_model, tmp_path: Path, case: str) -> None
     make, expect = AMBIGUITIES[case]
     make(model, weight_files(tiny_model("llama"))[0])
     layout = model_layout(model)
-    scales = head_scales(tmp_path / "s.safetensors", model)
+    scales = scales_file(tmp_path / "s.safetensors", model)
     before = tree_hash(model)
     for args in (["fold", str(model), str(scales), "-o", str(tmp_path / "out")],
                  ["fold-and-convert", str(model), str(scales), "-o", str(tmp_path / "out.gguf")]):
@@ -518,7 +501,7 @@ def trained_on_other(tiny_model, tokenizer_dir: Path, tmp_path_factory: pytest.T
     other = build_tiny_model(out / "other", "llama", tokenizer_dir, seed=1)
     fingerprint = model_fingerprint(other, model_layout(other))
     assert fingerprint != model_fingerprint(tiny_model("llama"), model_layout(other))
-    return head_scales(out / "s.safetensors", other, provenance={ScalesMeta.BASE_FINGERPRINT: fingerprint})
+    return scales_file(out / "s.safetensors", other, provenance={ScalesMeta.BASE_FINGERPRINT: fingerprint})
 
 
 @pytest.mark.engine
@@ -550,7 +533,7 @@ def test_base_fingerprint_same_model_in_other_float_type(tiny_model, tmp_path: P
     """Scales learned on a bf16 checkpoint fold silently into its f32 upcast and into its f16/f32 GGUFs."""
     bf16 = tiny_model("llama", dtype=torch.bfloat16)
     fingerprint = model_fingerprint(bf16, model_layout(bf16))
-    scales = head_scales(tmp_path / "s.safetensors", bf16, provenance={ScalesMeta.BASE_FINGERPRINT: fingerprint})
+    scales = scales_file(tmp_path / "s.safetensors", bf16, provenance={ScalesMeta.BASE_FINGERPRINT: fingerprint})
     upcast = tmp_path / "f32-copy"
     shutil.copytree(bf16, upcast)
     for shard in weight_files(upcast):

@@ -8,35 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import logits, random_scales
 from safetensors import safe_open
 
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import GRANULARITIES
 from seal_gguf.model.architectures import model_layout
 from seal_gguf.model.checkpoint import read_header, weight_files
-from seal_gguf.model.hooks import attach_scales
-from seal_gguf.scales import expected_shape, save_scales
 
 ARCHS = ["llama", "qwen2", "mistral", "qwen3", "gemma3_text", "phi3"]
-
-
-def random_scales(path: Path, model_dir: Path, granularity: str, seed: int = 1) -> torch.Tensor:
-    layout = model_layout(model_dir)
-    g = torch.Generator().manual_seed(seed)
-    values = torch.exp(torch.randn(expected_shape(layout, granularity), generator=g) * 0.5)
-    save_scales(path, values, layout, granularity)
-    return values
-
-
-def logits(model_dir: Path, ids: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        if scales is None:
-            return model(ids).logits
-        with attach_scales(model, model_layout(model_dir), scales):
-            return model(ids).logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)

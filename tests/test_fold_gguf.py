@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize
+from helpers import random_scales
 from safetensors import safe_open
-from test_fold import random_scales
 
 import seal_gguf.fold.gguf as fold_gguf_module
 from seal_gguf.cli.app import cli

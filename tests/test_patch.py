@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_convert import converter  # noqa: F401  (the provisioned, patched converter)
 
 from seal_gguf.convert.to_gguf import (
     CONVERTER_SCRIPT,

@@ -12,12 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from gguf import GGUFReader
+from helpers import llama_cpp_logits
 
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import ScalesMeta
-from seal_gguf.convert.to_gguf import convert_to_gguf, provision_converter
+from seal_gguf.convert.to_gguf import convert_to_gguf
 from seal_gguf.errors import EngineError, InputError
-from seal_gguf.gguffile.llama import open_llama
 from seal_gguf.measure.runners import HFRunner
 from seal_gguf.model.architectures import read_config
 from seal_gguf.model.rope import (
@@ -122,11 +122,6 @@ def test_extension_mismatch() -> None:
 # -- a tiny llama with a 64-token context, extended 4 times --
 
 @pytest.fixture(scope="module")
-def converter() -> Path:
-    return provision_converter(progress=False)
-
-
-@pytest.fixture(scope="module")
 def native(tiny_model) -> Path:
     return tiny_model("llama", max_position_embeddings=NATIVE)
 
@@ -173,12 +168,6 @@ def test_the_written_keys_are_checked(extended_ggufs, native: Path) -> None:
     check_gguf_extension(extended_ggufs("yarn"), config, RopeScaling("yarn", FACTOR))
     with pytest.raises(EngineError, match="rope.scaling.type = linear"):
         check_gguf_extension(extended_ggufs("linear"), config, RopeScaling("yarn", FACTOR))
-
-
-def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
-    with open_llama(path, n_ctx=len(ids)) as llm:  # f32 KV cache, logits at every position
-        llm.eval(ids)
-        return np.asarray(llm.scores[:len(ids)], dtype=np.float32)
 
 
 def pytorch_logits(model_dir: Path, ids: list[int], rope: RopeScaling | None) -> np.ndarray:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import one_line_error
 from interrupts import default_sigint
-from test_chat import one_line_error
 
 from seal_gguf.cli.app import cli
 from seal_gguf.gguffile.metadata import GGUFFacts, read_gguf_facts

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import scales_file
 
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import GRANULARITIES
@@ -31,9 +32,7 @@ from seal_gguf.kld import (
     summarize_positions,
 )
 from seal_gguf.measure.identity import first_token_difference
-from seal_gguf.measure.texts import builtin_documents
-from seal_gguf.model.architectures import model_layout
-from seal_gguf.scales import expected_shape, read_scales, save_scales
+from seal_gguf.scales import read_scales
 from seal_gguf.texts import make_chunks
 
 ARCHS = ["llama", "qwen2", "gemma3_text"]
@@ -53,23 +52,6 @@ def token_flags(arch: str) -> list[str]:
     return ["--allow-token-mismatch"] if arch == "qwen2" else []
 
 
-def random_scales(path: Path, model_dir: Path, granularity: str, values: torch.Tensor | None = None) -> Path:
-    layout = model_layout(model_dir)
-    if values is None:
-        g = torch.Generator().manual_seed(7)
-        values = torch.exp(0.5 * torch.randn(expected_shape(layout, granularity), generator=g))
-    save_scales(path, values, layout, granularity, force=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 230 tokens of the built-in prose (no digits: see test_builtin_text)."""
-    path = tmp_path_factory.mktemp("text") / "prose.txt"
-    path.write_text(builtin_documents()[0].text[:1000], encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def build(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict]:
     """Factory (arch, granularity) -> model folder, scales file and one GGUF per type (cached)."""
@@ -79,7 +61,7 @@ def build(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFact
         if (arch, granularity) not in cache:
             model_dir = tiny(tiny_model, arch)
             out = tmp_path_factory.mktemp(f"gguf-{arch}-{granularity}")
-            scales = random_scales(out / "scales.safetensors", model_dir, granularity)
+            scales = scales_file(out / "scales.safetensors", model_dir, granularity)
             ggufs = {"f32": convert_to_gguf(model_dir, out / "seal-f32.gguf", "f32", scales, progress=False)}
             for qtype in TYPES[1:]:
                 ggufs[qtype] = quantize(ggufs["f32"], out / f"seal-{qtype}.gguf", qtype, progress=False)
@@ -142,7 +124,7 @@ def test_misfolded_gguf_fails(build, base_ggufs, text_file: Path, tmp_path: Path
     ggufs = []
     for name, permuted in wrong.items():
         assert not torch.equal(permuted, values)
-        wrong_scales = random_scales(tmp_path / f"{name}.safetensors", model_dir, "head", permuted)
+        wrong_scales = scales_file(tmp_path / f"{name}.safetensors", model_dir, "head", permuted)
         f32 = convert_to_gguf(model_dir, tmp_path / f"{name}-f32.gguf", "f32", wrong_scales, progress=False)
         ggufs += [f32, quantize(f32, tmp_path / f"{name}-q8_0.gguf", "q8_0", progress=False)]
     unscaled = base_ggufs["f32"]
