@@ -24,7 +24,7 @@ from seal_gguf.cli.app import cli
 from seal_gguf.constants import GGUF_RECIPE_KEYS, GGUF_SEAL_PREFIX, SCALES_TENSOR, GGUFKeys, ScalesMeta
 from seal_gguf.convert.quantize import quantize, read_imatrix
 from seal_gguf.convert.to_gguf import convert_to_gguf, lossless_outtype
-from seal_gguf.errors import EngineError, InputError
+from seal_gguf.errors import InputError
 from seal_gguf.fold.hf import fold_checkpoint
 from seal_gguf.model.architectures import ModelLayout, model_layout
 from seal_gguf.model.checkpoint import model_fingerprint, read_header, weight_files
@@ -391,8 +391,8 @@ def test_quantize_bad_inputs(tmp_path: Path) -> None:
         quantize(not_gguf, tmp_path / "y.gguf", "q4_z")
 
 
-def test_quantizer_failure_is_engine_error(smollm2_gguf: Path, tmp_path: Path) -> None:
-    # SmolLM2 ships as Q4_1: llama.cpp refuses to requantize it
-    with pytest.raises(EngineError, match="llama.cpp's quantizer failed: requantizing from type q4_1 is disabled"):
+def test_quantized_input_refused_up_front(smollm2_gguf: Path, tmp_path: Path) -> None:
+    # SmolLM2 ships as Q4_1: llama.cpp would refuse to requantize it; said before the quantizer runs
+    with pytest.raises(InputError, match="a q4_1 GGUF; llama.cpp's quantizer starts from f32, f16 or bf16"):
         quantize(smollm2_gguf, tmp_path / "y.gguf", "q4_0", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -75,7 +75,7 @@ def test_unsupported_architecture(model: Path, scales: Path, tmp_path: Path) -> 
     config = json.loads((model / "config.json").read_text())
     config["model_type"] = "gpt2"
     (model / "config.json").write_text(json.dumps(config))
-    run_fails(["fold", str(model), str(scales), "-o", str(tmp_path / "out")], "supported: gemma3_text", [model],
+    run_fails(["fold", str(model), str(scales), "-o", str(tmp_path / "out")], "supported: gemma3, gemma3_text", [model],
               tmp_path / "out")
 
 

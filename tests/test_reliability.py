@@ -345,21 +345,27 @@ def scales_args(cmd: str, w: World, scales: Path, out: Path) -> list[object]:
 
 
 GGUF_COMMANDS = ["chat", "quantize", "import-gguf", "eval", "validate", "validate --base-gguf", "inspect"]
-CANNOT_LOAD = {"chat": "llama.cpp cannot load this GGUF", "quantize": "llama.cpp's quantizer failed",
-               "import-gguf": "transformers cannot read this GGUF", "eval": "transformers cannot load its tokenizer",
-               "validate": "llama.cpp cannot load this GGUF", "validate --base-gguf": "llama.cpp cannot load this GGUF",
+# The header reader (gguffile.header) refuses a broken file first where a command reads it; else the engine.
+UNREADABLE = "not a readable GGUF file|"
+CANNOT_LOAD = {"chat": "llama.cpp cannot load this GGUF", "quantize": UNREADABLE + "llama.cpp's quantizer failed",
+               "import-gguf": UNREADABLE + "transformers cannot read this GGUF",
+               "eval": UNREADABLE + "transformers cannot load its tokenizer",
+               "validate": UNREADABLE + "llama.cpp cannot load this GGUF",
+               "validate --base-gguf": UNREADABLE + "llama.cpp cannot load this GGUF",
                "inspect": "not a readable GGUF file"}
 GGUF_BREAKERS: dict[str, tuple[str, dict[str, str | None]]] = {
     "gguf: missing": ("no such GGUF file", {"inspect": "no such file"}),
     "gguf: a folder": ("expected a GGUF file, found a folder", {"eval": "config.json: missing",
                                                                  "inspect": "config.json: missing"}),
     "gguf: empty": ("empty GGUF file", {"inspect": "empty file"}),
-    "gguf: not a GGUF": ("not a GGUF file", {"inspect": "not a readable safetensors file"}),
+    "gguf: not a GGUF": ("not a GGUF file", {}),
     "gguf: cut in the header": ("", CANNOT_LOAD),
     "gguf: cut in the metadata": ("", CANNOT_LOAD),
     "gguf: cut in the tensors": ("", CANNOT_LOAD),
     "gguf: unknown architecture": ("", {**CANNOT_LOAD, "quantize": "unknown model architecture: 'zzzzz'",
-                                        "import-gguf": "architecture zzzzz is not supported", "inspect": None}),
+                                        "import-gguf": "architecture zzzzz is not supported", "inspect": None,
+                                        "validate": "its architecture is 'zzzzz'",
+                                        "validate --base-gguf": "its architecture is 'zzzzz'"}),
     "gguf: another architecture": ("is not a GGUF of .*its architecture is 'gemma3'", {
         "chat": None, "quantize": None, "import-gguf": None, "eval": None, "inspect": None}),
 }
@@ -733,7 +739,7 @@ def test_debug_shows_the_traceback(world: World, tmp_path: Path) -> None:
     loud = CliRunner().invoke(cli, ["--debug", *[str(a) for a in args]])
     assert quiet.exit_code == loud.exit_code == 1
     assert "Traceback" not in quiet.stderr and "Traceback (most recent call last)" in loud.stderr
-    assert "seal_gguf/checkpoint.py" in loud.stderr and "InputError" in loud.stderr
+    assert "seal_gguf/model/checkpoint.py" in loud.stderr and "InputError" in loud.stderr
     assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
     assert list(tmp_path.iterdir()) == []
 
