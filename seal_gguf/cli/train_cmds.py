@@ -25,7 +25,8 @@ from seal_gguf.learn.plan import (
     parse_max_memory,
     place_layers,
 )
-from seal_gguf.learn.train import DEFAULT_GENERAL_TOKENS, DEFAULT_LR, train_scales
+from seal_gguf.learn.train import DEFAULT_LR, train_scales
+from seal_gguf.measure.general import GENERAL_TOKENS
 from seal_gguf.model.loading import DEVICES, DTYPES, load_tokenizer
 from seal_gguf.model.rope import rope_for_model
 from seal_gguf.scales import save_scales
@@ -61,7 +62,7 @@ def _accuracy(result: tuple[int, int] | None) -> str:
 @click.option("--cache-teacher", is_flag=True,
               help="Keep the base model's log-probabilities of each anchor window in RAM (float16) instead of "
                    "recomputing them.")
-@click.option("--general-tokens", type=click.IntRange(min=0), default=DEFAULT_GENERAL_TOKENS, show_default=True,
+@click.option("--general-tokens", type=click.IntRange(min=0), default=GENERAL_TOKENS, show_default=True,
               help="Tokens of the built-in measurement text on which the cost is measured after training (0: skip).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"AdamW learning rate, constant [default: {DEFAULT_LR['head']} head, {DEFAULT_LR['channel']} channel].")

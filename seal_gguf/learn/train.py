@@ -52,6 +52,7 @@ from seal_gguf.learn.plan import (
     place_layers,
     read_device_map,
 )
+from seal_gguf.measure.general import GENERAL_TOKENS
 from seal_gguf.model.architectures import ModelLayout, read_config
 from seal_gguf.model.checkpoint import check_not_folded, model_fingerprint
 from seal_gguf.model.generate import greedy_continuation, stop_token_ids
@@ -66,7 +67,6 @@ MIN_SCALE = 1e-3
 # Greedy decoding for held-out scoring stops this many tokens after the label's length.
 EXTRA_ANSWER_TOKENS = 3
 # Tokens of the built-in general (measurement) text on which the trained scales' cost is measured.
-DEFAULT_GENERAL_TOKENS = 2048
 GENERAL_CTX = 512
 
 
@@ -244,7 +244,7 @@ def train_scales(
     anchor_text: Path | None = None,
     anchor_window: int = DEFAULT_ANCHOR_WINDOW,
     cache_teacher: bool = False,
-    general_tokens: int = DEFAULT_GENERAL_TOKENS,
+    general_tokens: int = GENERAL_TOKENS,
 ) -> TrainResult:
     """Learn SEAL scales for the model in model_dir. Training cases are generated from the "train"
     split with `seed` unless `cases` are given; held-out cases are fresh "eval" cases of the same
@@ -344,7 +344,7 @@ def cost_provenance(cost: Any) -> dict[str, str]:
 def train_loaded(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Sequence[Case],
                  heldout: Sequence[Case], granularity: str, lr: float, torch_device: torch.device,
                  gradient_checkpointing: bool, progress: bool, anchor: Anchor | None = None,
-                 general_tokens: int = DEFAULT_GENERAL_TOKENS, score_before: bool = True) -> TrainResult:
+                 general_tokens: int = GENERAL_TOKENS, score_before: bool = True) -> TrainResult:
     """Held-out accuracy before (unless score_before is False), one epoch of training, held-out
     accuracy after, and the cost on `general_tokens` tokens of the measurement text (0: none)."""
     from seal_gguf.measure.general import cost_pytorch
