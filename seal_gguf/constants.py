@@ -23,6 +23,7 @@ class ScalesMeta:
     SAMPLES = "samples"
     LENGTH = "length"
     LR = "lr"
+    LR_SCHEDULE = "lr_schedule"  # "constant" (the paper's) or "cosine" (annealed to 0 over the epoch)
     SEED = "seed"
     BASE_FINGERPRINT = "base_fingerprint"
     SEAL_GGUF_VERSION = "seal_gguf_version"

@@ -106,6 +106,21 @@ def test_a_few_steps_lower_the_loss(loaded, granularity: str) -> None:
     assert (scales > 0).all() and not torch.equal(scales.detach(), identity_scales(layout, granularity))
 
 
+def test_cosine_schedule_takes_smaller_late_steps(loaded) -> None:
+    """Annealed to 0 over the epoch: the first step is the constant schedule's, the later ones shorter,
+    so the scales end nearer where they were than with the constant schedule."""
+    model, layout, tokenizer = loaded
+    cases = make_cases(tokenizer, "passkey", 160, 3, seed=1, split="train") * 2
+
+    def run(schedule: str, some: list) -> torch.Tensor:
+        return fit_scales(model, layout, tokenizer, some, "head", lr=0.05, device=CPU, gradient_checkpointing=True,
+                          progress=False, lr_schedule=schedule).scales.detach()
+
+    assert torch.equal(run("cosine", cases[:1]), run("constant", cases[:1]))
+    constant, cosine = run("constant", cases), run("cosine", cases)
+    assert 0 < (cosine - 1).abs().mean() < (constant - 1).abs().mean()
+
+
 def test_heldout_accuracy_scores_generated_text(loaded) -> None:
     model, _, tokenizer = loaded
     cases = make_cases(tokenizer, "lines", 320, 2, seed=0)
@@ -253,12 +268,13 @@ def test_cli_mixture_and_paper_recipe(llama: Path, tmp_path: Path) -> None:
         "train", str(llama), "-o", str(out), "--task", "lines,kv", "--samples", "4", "--length", "400",
         "--min-length", "300", "--lr", "0.05", "--device", "cpu", "--eval-samples", "2", "--anchor-text",
         str(anchor), "--anchor-window", "64", "--anchor-weight", "2", "--general-tokens", "300",
-        "--save-cases", str(cases_file), "-q"])
+        "--lr-schedule", "cosine", "--save-cases", str(cases_file), "-q"])
     assert result.exit_code == 0, result.output
     assert "on 4 lines,kv cases of 300-400 tokens" in result.output
     meta = load_scales(out, model_layout(llama)).metadata
     assert meta[ScalesMeta.TASK] == "lines,kv" and meta[ScalesMeta.MIN_LENGTH] == "300"
     assert meta[ScalesMeta.ANCHOR_TEXT] == "anchor.txt" and meta[ScalesMeta.ANCHOR_WINDOW] == "64"
+    assert meta[ScalesMeta.LR_SCHEDULE] == "cosine"
     assert int(meta[ScalesMeta.GENERAL_TOKENS]) <= 300
     cases = load_cases(cases_file)
     assert [c.task for c in cases] == ["lines", "kv"] * 2 and all(300 <= c.length <= 400 for c in cases)

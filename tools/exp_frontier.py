@@ -42,7 +42,9 @@ from seal_gguf.constants import GRANULARITIES, GRANULARITY_LABEL
 from seal_gguf.learn.objective import make_anchor
 from seal_gguf.learn.train import (
     DEFAULT_LR,
+    DEFAULT_LR_SCHEDULE,
     GENERAL_CTX,
+    LR_SCHEDULES,
     anchor_provenance,
     cost_provenance,
     heldout_accuracy,
@@ -57,7 +59,8 @@ from seal_gguf.tasks import make_mixture
 
 from benchlib import BENCHMARKS, machine, model_option, smollm2_folder
 
-FIELDS = ("label", "granularity", "anchor_weight", "tasks", "samples", "length", "min_length", "lr", "seed",
+FIELDS = ("label", "granularity", "anchor_weight", "tasks", "samples", "length", "min_length", "lr", "lr_schedule",
+          "seed",
           "heldout_correct", "heldout_total", "heldout_accuracy", "ppl_ratio", "ppl_ratio_stderr", "mean_kld",
           "p99_kld", "same_top1", "general_tokens", "seconds_per_case", "scales")
 
@@ -121,6 +124,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Training cases' seed.")
 @click.option("--lr-head", type=float, default=DEFAULT_LR["head"], show_default=True)
 @click.option("--lr-channel", type=float, default=DEFAULT_LR["channel"], show_default=True)
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=DEFAULT_LR_SCHEDULE, show_default=True)
 @click.option("--eval-samples", type=int, default=20, show_default=True)
 @click.option("--eval-length", type=int, default=1024, show_default=True)
 @click.option("--eval-seed", type=int, default=1, show_default=True,
@@ -139,7 +143,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
               help="Train nothing: draw the PNG and append the section from this CSV (of an interrupted run).")
 @click.option("--command", "recorded_command", default=None, help="With --from-csv: the command that made the CSV.")
 def main(model: Path | None, points: str, existing: tuple[str, ...], tasks: str, samples: int, length: int,
-         min_length: int | None, seed: int, lr_head: float, lr_channel: float, eval_samples: int,
+         min_length: int | None, seed: int, lr_head: float, lr_channel: float, lr_schedule: str, eval_samples: int,
          eval_length: int, eval_seed: int, general_tokens: int, checkpointing: bool, resume: bool, work: Path,
          output: Path, no_append: bool, from_csv: Path | None, recorded_command: str | None) -> None:
     command = recorded_command or shlex.join(["python", "tools/exp_frontier.py", *sys.argv[1:]])
@@ -205,18 +209,19 @@ def main(model: Path | None, points: str, existing: tuple[str, ...], tasks: str,
             anchor = make_anchor(tokenizer, weight)
             start = time.perf_counter()
             result = train_loaded(net, layout, tokenizer, cases, heldout, granularity, lr, cpu, checkpointing, True,
-                                  anchor, general_tokens, score_before=False)
+                                  anchor, general_tokens, score_before=False, lr_schedule=lr_schedule)
             click.echo(f"{granularity} λ={weight:g}: {time.perf_counter() - start:.0f} s", err=True)
             cost = result.general_cost
             path = work / f"scales-{granularity}-lambda{weight:g}.safetensors"
             train_command = shlex.join(
                 ["seal-gguf", "train", str(model_dir), "-o", path.name, "--granularity", granularity, "--task", tasks,
-                 "--samples", str(samples), "--length", str(length), "--lr", repr(lr), "--seed", str(seed),
+                 "--samples", str(samples), "--length", str(length), "--lr", repr(lr), "--lr-schedule", lr_schedule, "--seed", str(seed),
                  "--anchor-weight", f"{weight:g}"] + (["--min-length", str(min_length)] if min_length else []))
             # what `seal-gguf train` would record (its held-out cases are these when --eval-seed is seed + 1)
             base_row = next(r for r in rows if r["label"] == "base")
             before = (int(base_row["heldout_correct"]), int(base_row["heldout_total"]))
             provenance = {"task": tasks, "samples": str(samples), "length": str(length), "lr": repr(lr),
+                          "lr_schedule": lr_schedule,
                           "seed": str(seed), "command": train_command,
                           "base_fingerprint": model_fingerprint(model_dir, layout), "seal_gguf_version": __version__,
                           "heldout_accuracy_before": f"{before[0] / before[1]:.3f} ({before[0]}/{before[1]})",
@@ -227,7 +232,7 @@ def main(model: Path | None, points: str, existing: tuple[str, ...], tasks: str,
                 provenance["min_length"] = str(min_length)
             save_scales(path, result.scales, layout, granularity, provenance, force=True)
             record(common(granularity, weight, f"{GRANULARITY_LABEL[granularity]} λ={weight:g}", str(path)) | {
-                "lr": lr, "heldout_correct": result.heldout_after[0], "heldout_total": result.heldout_after[1],
+                "lr": lr, "lr_schedule": lr_schedule, "heldout_correct": result.heldout_after[0], "heldout_total": result.heldout_after[1],
                 "heldout_accuracy": result.accuracy_after, "ppl_ratio": cost.ppl_ratio,
                 "ppl_ratio_stderr": cost.ppl_ratio_stderr, "mean_kld": cost.mean_kld, "p99_kld": cost.p99_kld,
                 "same_top1": cost.same_top, "general_tokens": cost.tokens,
@@ -262,10 +267,11 @@ def report(rows: list[dict], work: Path, command: str, samples: int, tasks: str,
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        lr = f"{r.get('lr', '')} {r.get('lr_schedule') or ''}".strip()
         ratio = f"{float(r['ppl_ratio']):.3f}"
         if r.get("ppl_ratio_stderr") not in (None, ""):
             ratio += f" ± {float(r['ppl_ratio_stderr']):.3f}"
-        lines.append(f"| {r['label']} | {r.get('lr', '')} | {r['heldout_correct']}/{r['heldout_total']} | {ratio} | "
+        lines.append(f"| {r['label']} | {lr} | {r['heldout_correct']}/{r['heldout_total']} | {ratio} | "
                      f"{float(r['mean_kld']):.4f} | {float(r['p99_kld']):.3f} | {100 * float(r['same_top1']):.1f}% | "
                      f"{r.get('seconds_per_case', '')} |")
     from benchlib import append_section

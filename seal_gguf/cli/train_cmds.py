@@ -25,7 +25,7 @@ from seal_gguf.learn.plan import (
     parse_max_memory,
     place_layers,
 )
-from seal_gguf.learn.train import DEFAULT_LR, train_scales
+from seal_gguf.learn.train import DEFAULT_LR, DEFAULT_LR_SCHEDULE, LR_SCHEDULES, train_scales
 from seal_gguf.measure.general import GENERAL_TOKENS
 from seal_gguf.model.loading import DEVICES, DTYPES, load_tokenizer
 from seal_gguf.model.rope import rope_for_model
@@ -65,7 +65,9 @@ def _accuracy(result: tuple[int, int] | None) -> str:
 @click.option("--general-tokens", type=click.IntRange(min=0), default=GENERAL_TOKENS, show_default=True,
               help="Tokens of the built-in measurement text on which the cost is measured after training (0: skip).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"AdamW learning rate, constant [default: {DEFAULT_LR['head']} head, {DEFAULT_LR['channel']} channel].")
+              help=f"AdamW learning rate [default: {DEFAULT_LR['head']} head, {DEFAULT_LR['channel']} channel].")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=DEFAULT_LR_SCHEDULE, show_default=True,
+              help="constant: the paper's; cosine: annealed to 0 over the epoch, so the scales settle.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the training cases; held-out cases use seed + 1.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
@@ -91,7 +93,7 @@ def _accuracy(result: tuple[int, int] | None) -> str:
 @handle_errors
 def train(model_dir: Path, output: Path, granularity: str, task: str, samples: int, length: int,
           min_length: int | None, anchor_weight: float, anchor_text: Path | None, anchor_window: int,
-          cache_teacher: bool, general_tokens: int, lr: float | None, seed: int, device: str, dtype: str, eval_samples: int, cases_file: Path | None,
+          cache_teacher: bool, general_tokens: int, lr: float | None, lr_schedule: str, seed: int, device: str, dtype: str, eval_samples: int, cases_file: Path | None,
           save_cases_file: Path | None, no_gradient_checkpointing: bool, device_map: str | None,
           max_memory: str | None, rope_scaling: str | None,
           rope_factor: float | None, rope_original_context: int | None, force: bool, quiet: bool) -> None:
@@ -132,7 +134,7 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
         eval_samples=eval_samples, progress=not quiet, cases=cases,
         command=shlex.join(["seal-gguf", *sys.argv[1:]]), rope=rope, device_map=device_map, max_memory=max_memory,
         min_length=min_length, anchor_weight=anchor_weight, anchor_text=anchor_text, anchor_window=anchor_window,
-        cache_teacher=cache_teacher, general_tokens=general_tokens,
+        cache_teacher=cache_teacher, general_tokens=general_tokens, lr_schedule=lr_schedule,
     )
     save_scales(output, result.scales, result.layout, granularity, result.provenance, force=force)
     meta = result.provenance

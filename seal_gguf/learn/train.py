@@ -1,7 +1,8 @@
 """Learning SEAL scales: the model frozen, only the scales train, on generated retrieval cases.
 
 Recipe (the paper's): scales initialised at 1.0, applied by forward pre-hooks on o_proj
-(seal_gguf.model.hooks); AdamW with a constant learning rate and no weight decay (decay would pull the
+(seal_gguf.model.hooks); AdamW with a constant learning rate (or, `lr_schedule="cosine"`, annealed to 0
+over the epoch) and no weight decay (decay would pull the
 scales toward 0, not toward the identity 1.0); one epoch, batch 1; cross-entropy on the answer
 tokens only. The output layer runs only on the answer positions (`logits_to_keep`): with large
 vocabularies it is most of a step's cost. After each step the scales are clamped to MIN_SCALE so
@@ -63,6 +64,10 @@ from seal_gguf.scales import identity_scales
 from seal_gguf.tasks import make_mixture, parse_tasks
 
 DEFAULT_LR = {GRANULARITY_HEAD: 1e-2, GRANULARITY_CHANNEL: 2e-2}
+# constant: the paper's. cosine: annealed to 0 over the epoch, so the last steps settle the scales instead
+# of moving each of them by about lr (Adam's step size) on every window's noisy anchor gradient.
+LR_SCHEDULES = ("constant", "cosine")
+DEFAULT_LR_SCHEDULE = "constant"
 MIN_SCALE = 1e-3
 # Greedy decoding for held-out scoring stops this many tokens after the label's length.
 EXTRA_ANSWER_TOKENS = 3
@@ -163,13 +168,16 @@ class Fit:
 
 def fit_scales(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Sequence[Case], granularity: str,
                lr: float, device: torch.device, gradient_checkpointing: bool, progress: bool,
-               scales: nn.Parameter | None = None, anchor: Anchor | None = None) -> Fit:
+               scales: nn.Parameter | None = None, anchor: Anchor | None = None,
+               lr_schedule: str = DEFAULT_LR_SCHEDULE) -> Fit:
     """One epoch, batch 1, over `cases`. With an active anchor, step i minimises answer CE +
     λ·KL(base ‖ SEAL) on anchor window i (cycled); the base log-probabilities come from the same
     model with the hooks detached. The hooks are attached for the SEAL passes only."""
     if scales is None:
         scales = nn.Parameter(identity_scales(layout, granularity).to(device))
     optimizer = torch.optim.AdamW([scales], lr=lr, weight_decay=0.0)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=len(cases))
+                 if lr_schedule == "cosine" else None)
     teacher = AnchorTeacher(anchor, device) if anchor is not None and anchor.active else None
     losses: list[float] = []
     kls: list[float] = []
@@ -196,6 +204,8 @@ def fit_scales(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Seq
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             with torch.no_grad():
                 scales.clamp_(min=MIN_SCALE)
             losses.append(loss.item())
@@ -245,6 +255,7 @@ def train_scales(
     anchor_window: int = DEFAULT_ANCHOR_WINDOW,
     cache_teacher: bool = False,
     general_tokens: int = GENERAL_TOKENS,
+    lr_schedule: str = DEFAULT_LR_SCHEDULE,
 ) -> TrainResult:
     """Learn SEAL scales for the model in model_dir. Training cases are generated from the "train"
     split with `seed` unless `cases` are given; held-out cases are fresh "eval" cases of the same
@@ -281,6 +292,8 @@ def train_scales(
     lr = DEFAULT_LR[granularity] if lr is None else lr
     if not lr > 0:
         raise InputError(f"learning rate must be > 0, not {lr}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise InputError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
     if max_memory and device_map is None:
         raise InputError("--max-memory needs --device-map auto")
     tokenizer = load_tokenizer(model_dir)
@@ -303,12 +316,14 @@ def train_scales(
         model, layout = load_model(model_dir, torch_device, dtype, progress, rope, dispatch,
                                    Path(offload) if offload else None)
         result = train_loaded(model, layout, tokenizer, cases, heldout, granularity, lr, torch_device,
-                              gradient_checkpointing, progress, anchor, general_tokens)
+                              gradient_checkpointing, progress, anchor, general_tokens,
+                              lr_schedule=lr_schedule)
     provenance = {
         ScalesMeta.TASK: ",".join(parse_tasks(task)),
         ScalesMeta.SAMPLES: str(len(cases)),
         ScalesMeta.LENGTH: str(length),
         ScalesMeta.LR: repr(lr),
+        ScalesMeta.LR_SCHEDULE: lr_schedule,
         ScalesMeta.SEED: str(seed),
         ScalesMeta.BASE_FINGERPRINT: model_fingerprint(model_dir, layout),
         ScalesMeta.SEAL_GGUF_VERSION: __version__,
@@ -344,7 +359,8 @@ def cost_provenance(cost: Any) -> dict[str, str]:
 def train_loaded(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: Sequence[Case],
                  heldout: Sequence[Case], granularity: str, lr: float, torch_device: torch.device,
                  gradient_checkpointing: bool, progress: bool, anchor: Anchor | None = None,
-                 general_tokens: int = GENERAL_TOKENS, score_before: bool = True) -> TrainResult:
+                 general_tokens: int = GENERAL_TOKENS, score_before: bool = True,
+                 lr_schedule: str = DEFAULT_LR_SCHEDULE) -> TrainResult:
     """Held-out accuracy before (unless score_before is False), one epoch of training, held-out
     accuracy after, and the cost on `general_tokens` tokens of the measurement text (0: none)."""
     from seal_gguf.measure.general import cost_pytorch
@@ -356,7 +372,7 @@ def train_loaded(model: nn.Module, layout: ModelLayout, tokenizer: Any, cases: S
             before = heldout_accuracy(model, tokenizer, heldout, torch_device, progress, "held-out before")
     start = time.perf_counter()
     fit = fit_scales(model, layout, tokenizer, cases, granularity, lr, torch_device,
-                     gradient_checkpointing, progress, scales, anchor)
+                     gradient_checkpointing, progress, scales, anchor, lr_schedule)
     seconds_per_case = (time.perf_counter() - start) / len(cases)
     if heldout:
         with attach_scales(model, layout, fit.scales):
