@@ -49,12 +49,13 @@ from seal_gguf.model.rope import RopeScaling, extend_config
 from seal_gguf.scales import expected_shape, save_scales
 
 ARCHS = sorted(arch_specs())
-WINDOW = 16  # gemma3_text's sliding window: every other position lies beyond it
+WINDOW = 16  # the sliding window of the models that have one: most positions lie beyond it
 TOKENS = 64
 NATIVE = 32  # the context the extension tests stretch, x FACTOR
 FACTOR = 2
 # what each architecture's tiny model needs besides its tiny_models.CONFIGS entry
-OPTIONS: dict[str, dict[str, object]] = {"gemma3_text": {"sliding_window": WINDOW}, "gemma3": {"sliding_window": WINDOW}}
+OPTIONS: dict[str, dict[str, object]] = {arch: {"sliding_window": WINDOW} for arch in ("gemma3_text", "gemma3", "gemma2")}
+WINDOWED = sorted(OPTIONS)  # the models llama.cpp runs with their sliding window
 QTYPES = ("q8_0", "q4_k_m")
 
 # -- the pieces, built once per module --
@@ -171,6 +172,28 @@ def test_configs_llama_cpp_would_run_otherwise_are_refused(arch: str) -> None:
             layout_from_config({**base, key: other})
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHS if arch_specs()[a].requires_equal])
+def test_configs_llama_cpp_would_scale_otherwise_are_refused(arch: str) -> None:
+    base = {**CONFIGS[arch], "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256, "head_dim": 64}
+    for key, (_, why) in arch_specs()[arch].requires_equal.items():
+        assert layout_from_config({**base, key: 64}).num_heads == 4
+        with pytest.raises(ArchitectureError, match=re.escape(f"{key} is 256, not 64; seal-gguf converts {arch} "
+                                                              f"models only where llama.cpp runs them as "
+                                                              f"transformers does: {why}")):
+            layout_from_config({**base, key: 256})
+
+
+def test_gemma2_27b_attention_scale_is_accepted() -> None:
+    """llama.cpp scales the 46-layer Gemma 2 27B by its hidden_size / heads (144), the others by head_dim."""
+    config = {**CONFIGS["gemma2"], "num_hidden_layers": 46, "num_attention_heads": 32, "hidden_size": 4608,
+              "head_dim": 128, "query_pre_attn_scalar": 144}
+    assert layout_from_config(config).head_dim == 128
+    with pytest.raises(ArchitectureError, match="query_pre_attn_scalar is 128, not 144"):
+        layout_from_config({**config, "query_pre_attn_scalar": 128})
+    with pytest.raises(ArchitectureError, match="query_pre_attn_scalar is 144, not 128"):
+        layout_from_config({**config, "num_hidden_layers": 42})
+
+
 # -- through llama.cpp --
 
 # transformers 5 always tokenizes qwen2 with Qwen2Tokenizer, whose pre-tokenizer keeps a run of newlines
@@ -255,21 +278,36 @@ def test_quantized_as_close_as_the_base(built, arch: str, granularity: str, qtyp
 
 # -- sliding windows and context extension --
 
-@pytest.mark.engine
-def test_sliding_window_models_run_beyond_their_window(built) -> None:
-    """The f32 gate above ran gemma3_text's 64 tokens through a 16-token window: the window is live."""
-    model_dir = built("gemma3_text", "head")["model"]
-    assert read_config(model_dir)["sliding_window"] == WINDOW < TOKENS
+def with_config(model_dir: Path, **changes: object) -> np.ndarray:
+    """The logits of the model's own weights under a config.json changed by `changes` (text_config's, if any)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
-    config.sliding_window = TOKENS * 2  # the same weights without the window
-    unwindowed = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
+    for key, value in changes.items():
+        setattr(config.get_text_config(), key, value)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
     with torch.no_grad():
-        full = unwindowed(torch.tensor([input_ids()])).logits[0].numpy()
+        return model(torch.tensor([input_ids()])).logits[0].numpy()
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("arch", WINDOWED)
+def test_sliding_window_models_run_beyond_their_window(built, arch: str) -> None:
+    """The f32 gate above ran these models' 64 tokens through a 16-token window: the window is live."""
+    model_dir = built(arch, "head")["model"]
+    assert text_config(read_config(model_dir), arch_specs()[arch])["sliding_window"] == WINDOW < TOKENS
+    full = with_config(model_dir, sliding_window=TOKENS * 2)  # the same weights without the window
     windowed = torch_logits(model_dir)
     assert np.abs(full[:WINDOW] - windowed[:WINDOW]).max() < 1e-4
     assert np.abs(full[WINDOW + 1:] - windowed[WINDOW + 1:]).max() > 0.1
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("cap", ["attn_logit_softcapping", "final_logit_softcapping"])
+def test_gemma2_soft_capping_is_live(built, cap: str) -> None:
+    """The f32 gate ran gemma2 through both of its soft-caps: each one changes the logits."""
+    model_dir = built("gemma2", "head")["model"]
+    assert np.abs(with_config(model_dir, **{cap: None}) - torch_logits(model_dir)).max() > 0.1
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -57,6 +57,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
                    vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                                       image_size=32, patch_size=8),
                    mm_tokens_per_image=4, image_token_index=3, boi_token_index=4, eoi_token_index=5),
+    # sliding window on every other layer (the window is set by the tests), attention logits soft-capped
+    # low enough to bend them (about 1.6 before the cap), final logits soft-capped as released
+    "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=64, sliding_window=512,
+                   query_pre_attn_scalar=64, attn_logit_softcapping=4.0, final_logit_softcapping=30.0),
 }
 
 
@@ -142,8 +146,40 @@ def _no_merges_into_newlines(model_dir: Path) -> None:
     _edit_json(model_dir / "tokenizer.json", drop)
 
 
+def _sentencepiece_gemma(model_dir: Path) -> None:
+    """gemma2: llama.cpp's converter reads Gemma 2's vocabulary from a SentencePiece tokenizer.model only,
+    and transformers 5 always tokenizes gemma2 with GemmaTokenizer (BPE with byte fallback, spaces as
+    "▁", no prefix space). The tiny model gets write_spm_tokenizer's model and the same vocabulary as
+    GemmaTokenizer's tokenizer.json (merges ranked by piece score, as transformers extracts them from a
+    SentencePiece model), so both engines split text alike."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+
+    tokenizer_dir = model_dir / "smollm2-tokenizer"
+    tokenizer_dir.mkdir()
+    shutil.move(model_dir / "tokenizer.json", tokenizer_dir / "tokenizer.json")
+    write_spm_tokenizer(model_dir / "tokenizer.model", tokenizer_dir)
+    shutil.rmtree(tokenizer_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    vocab = {sp.IdToPiece(i): i for i in range(sp.GetPieceSize())}
+    scores = {sp.IdToPiece(i): sp.GetScore(i) for i in range(sp.GetPieceSize())
+              if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i))}
+    merges = sorted(((piece[:k], piece[k:], score) for piece, score in scores.items() for k in range(1, len(piece))
+                     if piece[:k] in vocab and piece[k:] in vocab),
+                    key=lambda m: (-m[2], vocab[m[0]], vocab[m[1]]))
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], unk_token="<unk>", fuse_unk=True,
+                              byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    _edit_json(model_dir / "tokenizer_config.json", lambda c: c.update(
+        tokenizer_class="GemmaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"))
+
+
 # model_type -> the change that makes SmolLM2's tokenizer convert (and match) for it; none needed for the rest
-CONVERTER_TOKENIZER = {"phi3": _gpt2_tokenizer_class, "qwen2": _no_merges_into_newlines}
+CONVERTER_TOKENIZER = {"phi3": _gpt2_tokenizer_class, "qwen2": _no_merges_into_newlines,
+                       "gemma2": _sentencepiece_gemma}
 
 
 def write_spm_tokenizer(path: Path, tokenizer_dir: Path) -> None:

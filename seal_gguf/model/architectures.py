@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -50,6 +50,9 @@ class ArchSpec:
     unsupported_sliding_window: str | None  # why llama.cpp cannot run its sliding window; None: it can
     rope_scaling_refused: str | None  # why the other context extensions cannot be used
     requires: dict[str, tuple[Any, str]]  # config key -> (the value llama.cpp assumes, why)
+    # config key -> (the values llama.cpp may assume: "key", "key/key", each optionally "... if key=value"
+    # or "... if key!=value"; why)
+    requires_equal: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
 
     @property
     def gguf_architectures(self) -> tuple[str, ...]:
@@ -119,6 +122,7 @@ def _spec(model_type: str, entry: dict[str, Any]) -> ArchSpec:
         unsupported_sliding_window=entry.get("unsupported_sliding_window"),
         rope_scaling_refused=entry.get("rope_scaling_refused"),
         requires={key: (value, why) for key, (value, why) in entry.get("requires", {}).items()},
+        requires_equal={key: (tuple(values), why) for key, (values, why) in entry.get("requires_equal", {}).items()},
     )
 
 
@@ -183,6 +187,13 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
         if key in config and config[key] != value:
             raise ArchitectureError(f"{where}: {key} is {config[key]!r}; seal-gguf converts {model_type} models "
                                     f"with {key} = {value!r} only: {why}")
+    known = {**config, spec.head_dim: head_dim}
+    for key, (values, why) in spec.requires_equal.items():
+        wanted = [v for v in (_assumed(known, value) for value in values) if v is not None]
+        if key in config and wanted and config[key] not in wanted:
+            raise ArchitectureError(f"{where}: {key} is {config[key]!r}, not {' or '.join(f'{v:g}' for v in wanted)}; "
+                                    f"seal-gguf converts {model_type} models only where llama.cpp runs them as "
+                                    f"transformers does: {why}")
     window = sliding_window(config, spec)
     if window is not None and spec.unsupported_sliding_window:
         raise ArchitectureError(f"{where}: this {model_type} model attends within a sliding window of {window} tokens, "
@@ -192,6 +203,22 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
     if min(layout.num_layers, layout.num_heads, layout.head_dim) <= 0:
         raise InputError(f"{where}: gives a non-positive head layout: {layout}")
     return layout
+
+
+def _assumed(config: dict[str, Any], rule: str) -> float | None:
+    """The value a requires_equal rule ("key", "key/key", each optionally "... if key=value" or
+    "... if key!=value") gives for this config; None when its condition does not hold or a key is missing."""
+    expr, _, condition = rule.partition(" if ")
+    if condition:
+        negate = "!=" in condition
+        key, value = condition.split("!=" if negate else "=")
+        if (str(config.get(key.strip())) == value.strip()) == negate:
+            return None
+    try:
+        parts = [float(config[k.strip()]) for k in expr.split("/")]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return parts[0] / parts[1] if len(parts) == 2 and parts[1] else parts[0] if len(parts) == 1 else None
 
 
 def text_config(config: dict[str, Any], spec: ArchSpec) -> dict[str, Any]:
