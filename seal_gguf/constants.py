@@ -78,10 +78,13 @@ class GGUFKeys:
 GGUF_SEAL_PREFIX = "seal."
 
 # The training recipe (ScalesMeta provenance) a GGUF records as seal.<key>, when the scales have it.
+# The converter patch keeps its own copy (RECIPE_KEYS); tests/test_convert.py holds the two equal.
 GGUF_RECIPE_KEYS = (
     ScalesMeta.TASK, ScalesMeta.SAMPLES, ScalesMeta.LENGTH, ScalesMeta.LR, ScalesMeta.SEED,
     ScalesMeta.ROPE_SCALING, ScalesMeta.HELDOUT_BEFORE, ScalesMeta.HELDOUT_AFTER, ScalesMeta.BASE_FINGERPRINT,
-    ScalesMeta.COMMAND,
+    ScalesMeta.COMMAND, ScalesMeta.LR_SCHEDULE, ScalesMeta.MIN_LENGTH, ScalesMeta.ANCHOR_WEIGHT,
+    ScalesMeta.ANCHOR_TEXT, ScalesMeta.ANCHOR_WINDOW, ScalesMeta.GENERAL_PPL_RATIO, ScalesMeta.GENERAL_MEAN_KLD,
+    ScalesMeta.GENERAL_P99_KLD, ScalesMeta.GENERAL_SAME_TOP, ScalesMeta.GENERAL_TOKENS,
 )
 
 # Largest finite float16 value: folded weights beyond it cannot be written as f16.
