@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import llama_cpp_logits, logits
+from helpers import llama_cpp_logits
 from tiny_models import CONFIGS
 
 from seal_gguf.constants import GRANULARITIES
@@ -40,11 +40,14 @@ from seal_gguf.kld import log_softmax64
 from seal_gguf.measure.texts import builtin_documents
 from seal_gguf.model.architectures import (
     arch_specs,
+    attn_implementation,
     layout_from_config,
     model_layout,
     read_config,
     text_config,
+    transformers_class,
 )
+from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.rope import RopeScaling, extend_config
 from seal_gguf.scales import expected_shape, save_scales
 
@@ -128,8 +131,21 @@ def gguf_logits(path: Path) -> np.ndarray:
     return llama_cpp_logits(path, input_ids())
 
 
+def hf_model(model_dir: Path, **kwargs: object) -> torch.nn.Module:
+    """The model as transformers runs it (its own class and attention, as seal-gguf's loader picks them)."""
+    model_type = read_config(model_dir)["model_type"]
+    return transformers_class(model_type).from_pretrained(model_dir, dtype=torch.float32, **kwargs,
+                                                          attn_implementation=attn_implementation(model_type)).eval()
+
+
 def torch_logits(model_dir: Path, values: torch.Tensor | None = None) -> np.ndarray:
-    return logits(model_dir, torch.tensor([input_ids()]), values)[0].numpy()
+    """The hooked model's logits (values: the scales; None: the model as it is)."""
+    model, ids = hf_model(model_dir), torch.tensor([input_ids()])
+    with torch.no_grad():
+        if values is None:
+            return model(ids).logits[0].numpy()
+        with attach_scales(model, model_layout(model_dir), values):
+            return model(ids).logits[0].numpy()
 
 
 def mean_kld(ref: np.ndarray, test: np.ndarray) -> float:
@@ -150,37 +166,45 @@ def test_every_architecture_has_a_tiny_model() -> None:
         assert config["model_type"] == arch
 
 
+def small_config(arch: str, **changes: object) -> dict:
+    """A config.json of a small model of this architecture (changes in text_config, for multimodal ones)."""
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256, **changes}
+    section = arch_specs()[arch].config_section
+    if section:
+        return {**CONFIGS[arch], section: {**CONFIGS[arch][section], **shape}}
+    return {**CONFIGS[arch], **shape}
+
+
 @pytest.mark.parametrize("arch", [a for a in ARCHS if arch_specs()[a].unsupported_sliding_window])
 def test_windows_llama_cpp_cannot_run_are_refused(arch: str) -> None:
-    config = {**CONFIGS[arch], "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256,
-              "max_position_embeddings": 4096, "sliding_window": WINDOW, "use_sliding_window": True}
+    config = functools.partial(small_config, arch, max_position_embeddings=4096, use_sliding_window=True)
     with pytest.raises(ArchitectureError, match=f"sliding window of {WINDOW} tokens, shorter than its context; "
                                                 f"{arch_specs()[arch].unsupported_sliding_window[:30]}"):
-        layout_from_config(config)
-    for inactive in ({"sliding_window": None}, {"sliding_window": 4096}):  # no window, or one as long as the context
-        assert layout_from_config({**config, **inactive}).num_heads == 4
+        layout_from_config(config(sliding_window=WINDOW))
+    for inactive in (None, 4096):  # no window, or one as long as the context
+        assert layout_from_config(config(sliding_window=inactive)).num_heads == 4
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if arch_specs()[a].requires])
 def test_configs_llama_cpp_would_run_otherwise_are_refused(arch: str) -> None:
-    base = {**CONFIGS[arch], "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}
+    config = functools.partial(small_config, arch)
     for key, (value, why) in arch_specs()[arch].requires.items():
-        assert layout_from_config({**base, key: value}).num_heads == 4
-        other = (not value) if isinstance(value, bool) else value + 1
+        assert layout_from_config(config(**{key: value})).num_heads == 4
+        other = (not value) if isinstance(value, bool) else value + "x" if isinstance(value, str) else value + 1
         with pytest.raises(ArchitectureError, match=re.escape(f"{key} is {other!r}; seal-gguf converts {arch} "
                                                               f"models with {key} = {value!r} only: {why}")):
-            layout_from_config({**base, key: other})
+            layout_from_config(config(**{key: other}))
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if arch_specs()[a].requires_equal])
 def test_configs_llama_cpp_would_scale_otherwise_are_refused(arch: str) -> None:
-    base = {**CONFIGS[arch], "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256, "head_dim": 64}
+    config = functools.partial(small_config, arch, head_dim=64)
     for key, (_, why) in arch_specs()[arch].requires_equal.items():
-        assert layout_from_config({**base, key: 64}).num_heads == 4
+        assert layout_from_config(config(**{key: 64})).num_heads == 4
         with pytest.raises(ArchitectureError, match=re.escape(f"{key} is 256, not 64; seal-gguf converts {arch} "
                                                               f"models only where llama.cpp runs them as "
                                                               f"transformers does: {why}")):
-            layout_from_config({**base, key: 256})
+            layout_from_config(config(**{key: 256}))
 
 
 def test_gemma2_27b_attention_scale_is_accepted() -> None:
@@ -276,16 +300,30 @@ def test_quantized_as_close_as_the_base(built, arch: str, granularity: str, qtyp
     assert seal <= 1.5 * base + 1e-4, (seal, base)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_seal_gguf_loader_runs_every_architecture(tiny_model, arch: str) -> None:
+    """train, validate and eval load models through seal_gguf.model.loading: the class and attention it
+    picks for each architecture run the model as the reference above does."""
+    from seal_gguf.model.loading import load_model
+
+    model_dir = tiny(tiny_model, arch)
+    model, layout = load_model(model_dir, torch.device("cpu"), "float32", progress=False)
+    assert layout == model_layout(model_dir)
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor([input_ids()])).logits[0].float().numpy()
+    assert np.abs(got - torch_logits(model_dir)).max() <= 1e-4
+
+
 # -- sliding windows and context extension --
 
 def with_config(model_dir: Path, **changes: object) -> np.ndarray:
     """The logits of the model's own weights under a config.json changed by `changes` (text_config's, if any)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     for key, value in changes.items():
         setattr(config.get_text_config(), key, value)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
+    model = hf_model(model_dir, config=config)
     with torch.no_grad():
         return model(torch.tensor([input_ids()])).logits[0].numpy()
 
@@ -354,8 +392,6 @@ def test_context_extension_beyond_the_native_context(tiny_model, converter: Path
 @pytest.mark.engine
 @pytest.mark.parametrize("arch", ARCHS)
 def test_head_order_anchor(tiny_model, converter: Path, tmp_path: Path, arch: str) -> None:
-    from transformers import AutoModelForCausalLM
-
     # one KV head per query head (no GQA sharing): a head's value rows belong to that head alone
     model_dir = tiny(tiny_model, arch, num_key_value_heads=CONFIGS[arch].get("num_attention_heads", 4))
     layout = model_layout(model_dir)
@@ -363,7 +399,7 @@ def test_head_order_anchor(tiny_model, converter: Path, tmp_path: Path, arch: st
     layer, head, s = 0, 2, 3.0
     # the anchor: head 2's values times s, in the model's own v_proj (the model's attention then
     # scales head 2's output, whatever the order of o_proj's columns)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = hf_model(model_dir)
     with torch.no_grad():
         for rows in v_rows(model, layer, head, layout):
             rows.mul_(s)

@@ -57,6 +57,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
                    vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                                       image_size=32, patch_size=8),
                    mm_tokens_per_image=4, image_token_index=3, boi_token_index=4, eoi_token_index=5),
+    # Mistral Small 3.x: a multimodal checkpoint (Pixtral vision tower), the text model a mistral in text_config
+    "mistral3": dict(model_type="mistral3", architectures=["Mistral3ForConditionalGeneration"],
+                     text_config=dict(model_type="mistral", head_dim=64, sliding_window=None, tie_word_embeddings=False),
+                     vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                        head_dim=32, image_size=32, patch_size=8),
+                     image_token_index=10, tie_word_embeddings=False),
     # sliding window on every other layer (the window is set by the tests), attention logits soft-capped
     # low enough to bend them (about 1.6 before the cap), final logits soft-capped as released
     "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=64, sliding_window=512,
@@ -84,7 +90,9 @@ def build_tiny_model(
     converter_tokenizer makes SmolLM2's tokenizer one that llama.cpp's converter accepts for this
     architecture and that transformers and llama.cpp then apply alike (CONVERTER_TOKENIZER).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from seal_gguf.model.architectures import transformers_class
 
     torch.manual_seed(seed)
     tokens = dict(vocab_size=49152, bos_token_id=1, eos_token_id=2)
@@ -96,7 +104,7 @@ def build_tiny_model(
     spec.pop("architectures")
     kind = spec.pop("model_type")
     config = AutoConfig.for_model(kind, **spec)
-    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    model = transformers_class(kind).from_config(config).to(dtype).eval()
     with torch.no_grad():  # MoE routers, sharper: a random router's near-ties flip under any rounding
         for name, param in model.named_parameters():
             if name.endswith(".mlp.gate.weight"):

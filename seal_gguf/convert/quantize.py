@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from seal_gguf.constants import GGUFKeys
 from seal_gguf.errors import EngineError, InputError, ScalesError
 from seal_gguf.fileio import atomic_file, check_output_path, no_room_error, require_file
 from seal_gguf.gguffile.header import read_metadata
@@ -256,13 +257,16 @@ def check_written_gguf(path: Path, expected_attn_output: str | None = None, fold
     attn_output tensor (the folded heads: dequantized whatever their type; a quantized block's fp16
     scale can overflow too), and each attn_output stored as `expected_attn_output` (a ggml type name,
     e.g. "q4_k") where one was asked for: llama.cpp silently falls back to another type for rows that
-    are not whole blocks of it, which `warn` is told."""
+    are not whole blocks of it, which `warn` is told. A folded GGUF must carry the scales' seal.* keys."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
     try:
         reader = GGUFReader(str(path), "r")
     except (ValueError, OSError, struct.error) as exc:
         raise EngineError(f"{path}: the GGUF just written cannot be read back ({exc})") from None
+    if folded and GGUFKeys.SCALES_SHA256 not in reader.fields:  # the patch folded an instance that wrote nothing
+        raise EngineError(f"{path}: llama.cpp's converter wrote no {GGUFKeys.SCALES_SHA256}, so its --seal-scales "
+                          "patch folded nothing in this model's GGUF; report it with the model's config.json")
     floats = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
     fallbacks: dict[str, list[str]] = {}
     for tensor in reader.tensors:

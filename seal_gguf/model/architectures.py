@@ -53,6 +53,8 @@ class ArchSpec:
     # config key -> (the values llama.cpp may assume: "key", "key/key", each optionally "... if key=value"
     # or "... if key!=value"; why)
     requires_equal: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
+    transformers_class: str | None = None  # the transformers class that runs it; None: AutoModelForCausalLM's
+    attn_implementation: str = "sdpa"  # the attention transformers runs it with (Gemma 2 has no SDPA in transformers)
 
     @property
     def gguf_architectures(self) -> tuple[str, ...]:
@@ -123,6 +125,8 @@ def _spec(model_type: str, entry: dict[str, Any]) -> ArchSpec:
         rope_scaling_refused=entry.get("rope_scaling_refused"),
         requires={key: (value, why) for key, (value, why) in entry.get("requires", {}).items()},
         requires_equal={key: (tuple(values), why) for key, (values, why) in entry.get("requires_equal", {}).items()},
+        transformers_class=entry.get("transformers_class"),
+        attn_implementation=entry.get("attn_implementation", "sdpa"),
     )
 
 
@@ -152,6 +156,22 @@ def converter_layout(layout: ModelLayout) -> dict[str, Any]:
         return {"o_proj": layout.o_proj_template + ".weight", "config": {}}
     return {"o_proj": spec.converter_o_proj, "model_type": spec.converter_model_type,
             "config": {"num_layers": spec.num_layers, "num_heads": spec.num_heads}}
+
+
+def transformers_class(model_type: str) -> Any:
+    """The transformers class that runs this model type from input ids to logits (its from_pretrained and
+    from_config): AutoModelForCausalLM, or the class architectures.json names where that one maps no class."""
+    import transformers
+
+    spec = arch_specs().get(model_type)
+    name = spec.transformers_class if spec is not None else None
+    return getattr(transformers, name) if name else transformers.AutoModelForCausalLM
+
+
+def attn_implementation(model_type: str) -> str:
+    """The attention implementation transformers runs this model type with (SDPA unless it has none)."""
+    spec = arch_specs().get(model_type)
+    return spec.attn_implementation if spec is not None else "sdpa"
 
 
 def supported_model_types() -> list[str]:

@@ -17,7 +17,13 @@ import torch
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import GGUF_MAGIC, first_line, gguf_magic, require_gguf
 from seal_gguf.gguffile.header import read_metadata
-from seal_gguf.model.architectures import ModelLayout, layout_from_config, read_config
+from seal_gguf.model.architectures import (
+    ModelLayout,
+    attn_implementation,
+    layout_from_config,
+    read_config,
+    transformers_class,
+)
 from seal_gguf.model.checkpoint import check_not_folded, locate_o_proj, read_headers
 from seal_gguf.model.rope import RopeScaling, transformers_config
 
@@ -139,16 +145,15 @@ def resolve_device(device: str) -> torch.device:
 def load_model(model_dir: Path, device: torch.device, dtype: str, progress: bool = True,
                rope: RopeScaling | None = None, device_map: dict[str, str] | None = None,
                offload_folder: Path | None = None, folded_ok: bool = False) -> tuple[Any, ModelLayout]:
-    """The model frozen, in eval mode, with SDPA attention (its context extended by rope, if given);
-    and its head layout. With a device map (module -> cuda:N, mps, cpu or disk; see seal_gguf.learn.plan)
-    accelerate dispatches the layers and `device` is where the inputs go. The one loader of HF
+    """The model frozen, in eval mode, with SDPA attention (eager where transformers has no SDPA for the
+    architecture; its context extended by rope, if given) and its head layout. With a device map
+    (module -> cuda:N, mps, cpu or disk; see seal_gguf.learn.plan) accelerate dispatches the layers and
+    `device` is where the inputs go. The one loader of HF
     checkpoints: safetensors only (never pickles), never remote code.
 
     folded_ok: a checkpoint with scales folded in is run as it is (validate, eval); otherwise it is
     refused (AlreadyFoldedError), since scales learned or applied on top would describe neither model.
     Raises InputError for a folder transformers cannot load."""
-    from transformers import AutoModelForCausalLM
-
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     config = read_config(model_dir)
@@ -162,8 +167,9 @@ def load_model(model_dir: Path, device: torch.device, dtype: str, progress: bool
         extra |= {"device_map": accelerate_device_map(device_map), "offload_folder": str(offload_folder)}
     try:
         with nullcontext() if progress else quiet_transformers():
-            model: Any = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=DTYPES[dtype], attn_implementation="sdpa", use_safetensors=True, **extra
+            model: Any = transformers_class(layout.model_type).from_pretrained(
+                str(model_dir), dtype=DTYPES[dtype], attn_implementation=attn_implementation(layout.model_type),
+                use_safetensors=True, **extra
             )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"{model_dir}: cannot load the model ({str(exc).splitlines()[0]})") from None
