@@ -358,6 +358,7 @@ def test_card_from_real_outputs(shipped: Path, monkeypatch: pytest.MonkeyPatch) 
     assert f"| tokens scored | {mine['summary']['tokens']} |" in card
     assert f"{100 * mine['summary']['same_top']:.2f}%" in card
     assert "| case length (tokens) | 320 |" in card and "| training cases | 2 |" in card
+    assert "| anchor weight λ (0: the paper's recipe) | 10.0 |" in card  # the GGUF records the whole recipe
     assert "seal-gguf train model -o scales.safetensors" in card
     # gain and cost side by side: this GGUF against the base GGUF of its type, from validate's report
     cost = next(g for g in validation["general"] if g["engine"] == "llama.cpp" and g["seal"] == "seal-f16.gguf")
@@ -407,6 +408,7 @@ def test_card_refusals(shipped: Path, tmp_path: Path) -> None:
                    "holds no results for seal-f16.gguf")
     one_line_error(invoke("card", gguf, "--scales", shipped / "validate.json", "-o", tmp_path / "d.md"),
                    "not a readable safetensors file")
+    one_line_error(invoke("card", shipped / "base-f16.gguf", "-o", tmp_path / "e.md"), "not a SEAL GGUF")
     assert not any(tmp_path.glob("*.md"))
 
 

@@ -142,7 +142,10 @@ def seal_section(facts: GGUFFacts, recipe: Recipe | None) -> list[str]:
     meta = recipe.metadata
     rows = [(label, meta[key]) for label, key in (
         ("task", ScalesMeta.TASK), ("training cases", ScalesMeta.SAMPLES), ("case length (tokens)", ScalesMeta.LENGTH),
-        ("learning rate", ScalesMeta.LR), ("seed", ScalesMeta.SEED), ("RoPE scaling", ScalesMeta.ROPE_SCALING),
+        ("shortest case (tokens)", ScalesMeta.MIN_LENGTH), ("learning rate", ScalesMeta.LR),
+        ("learning-rate schedule", ScalesMeta.LR_SCHEDULE), ("seed", ScalesMeta.SEED),
+        ("anchor weight λ (0: the paper's recipe)", ScalesMeta.ANCHOR_WEIGHT), ("anchor text", ScalesMeta.ANCHOR_TEXT),
+        ("RoPE scaling", ScalesMeta.ROPE_SCALING),
     ) if meta.get(key)]
     if any(meta.get(k, "n/a") != "n/a" for k in (ScalesMeta.HELDOUT_BEFORE, ScalesMeta.HELDOUT_AFTER)):
         rows.append(("held-out accuracy, before → after",
@@ -367,6 +370,9 @@ def write_card(gguf: Path, out: Path | None = None, *, validate_json: Path | Non
         if validate_json is not None else None
     retrieval = (read_report(Path(eval_json), "eval", EVAL_KEYS), Path(eval_json)) if eval_json is not None else None
     facts = read_gguf_facts(gguf)
+    if GGUFKeys.FORMAT not in facts.seal:
+        raise InputError(f"{gguf}: not a SEAL GGUF (no seal.* metadata); fold scales into it first, e.g. "
+                         f"`seal-gguf fold-gguf {gguf.name} scales.safetensors -o {gguf.stem}-seal.gguf`")
     # scales files the reports name, wherever they still exist: a relative path is relative to the
     # folder the command ran in, here or (often) the report's own
     named = [(Path(validation[0]["scales"]), validation[1])] if validation and validation[0].get("scales") else []
