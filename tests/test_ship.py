@@ -26,6 +26,7 @@ from interrupts import default_sigint
 
 from seal_gguf.cli.app import cli
 from seal_gguf.gguffile.metadata import GGUFFacts, read_gguf_facts
+from seal_gguf.learn.objective import DEFAULT_ANCHOR_WEIGHT
 from seal_gguf.ship.gotemplate import GoTemplateError, Unsupported, render_go_template
 from seal_gguf.ship.ollama import FAMILIES, own_template, translate
 
@@ -358,7 +359,7 @@ def test_card_from_real_outputs(shipped: Path, monkeypatch: pytest.MonkeyPatch) 
     assert f"| tokens scored | {mine['summary']['tokens']} |" in card
     assert f"{100 * mine['summary']['same_top']:.2f}%" in card
     assert "| case length (tokens) | 320 |" in card and "| training cases | 2 |" in card
-    assert "| anchor weight λ (0: the paper's recipe) | 10.0 |" in card  # the GGUF records the whole recipe
+    assert f"| anchor weight λ (0: the paper's recipe) | {DEFAULT_ANCHOR_WEIGHT} |" in card  # the GGUF records the whole recipe
     assert "seal-gguf train model -o scales.safetensors" in card
     # gain and cost side by side: this GGUF against the base GGUF of its type, from validate's report
     cost = next(g for g in validation["general"] if g["engine"] == "llama.cpp" and g["seal"] == "seal-f16.gguf")

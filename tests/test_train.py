@@ -15,6 +15,7 @@ from seal_gguf.constants import ScalesMeta
 from seal_gguf.errors import InputError
 from seal_gguf.learn.objective import (
     BUILTIN_ANCHOR,
+    DEFAULT_ANCHOR_WEIGHT,
     Anchor,
     AnchorTeacher,
     answer_loss,
@@ -241,11 +242,12 @@ def test_cli_train_round_trip(llama: Path, tmp_path: Path) -> None:
     assert meta[ScalesMeta.COMMAND].startswith("seal-gguf")
     assert meta[ScalesMeta.HELDOUT_BEFORE].endswith("/1)") and meta[ScalesMeta.HELDOUT_AFTER].endswith("/1)")
     # the anchor and the cost on the measurement text, recorded and printed
-    assert float(meta[ScalesMeta.ANCHOR_WEIGHT]) == 10.0 and meta[ScalesMeta.ANCHOR_TEXT] == "built-in"
+    assert float(meta[ScalesMeta.ANCHOR_WEIGHT]) == DEFAULT_ANCHOR_WEIGHT and meta[ScalesMeta.ANCHOR_TEXT] == "built-in"
+    assert meta[ScalesMeta.LR_SCHEDULE] == "cosine"
     assert meta[ScalesMeta.ANCHOR_WINDOW] == "256"
     assert float(meta[ScalesMeta.GENERAL_PPL_RATIO]) > 0 and float(meta[ScalesMeta.GENERAL_MEAN_KLD]) >= 0
     assert 0 <= float(meta[ScalesMeta.GENERAL_SAME_TOP]) <= 1 and int(meta[ScalesMeta.GENERAL_TOKENS]) > 1000
-    assert "general text: PPL ×" in result.output and "Anchor: λ = 10 on built-in text" in result.output
+    assert "general text: PPL ×" in result.output and f"Anchor: λ = {DEFAULT_ANCHOR_WEIGHT:g} on built-in text" in result.output
     cases = load_cases(cases_file)
     assert len(cases) == 3 and all(c.task == "niah" and c.length == 200 for c in cases)
 

@@ -43,6 +43,7 @@ from seal_gguf.learn.objective import make_anchor
 from seal_gguf.learn.train import (
     DEFAULT_LR,
     DEFAULT_LR_SCHEDULE,
+    DEFAULT_SAMPLES,
     GENERAL_CTX,
     LR_SCHEDULES,
     anchor_provenance,
@@ -118,7 +119,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 @click.option("--existing", multiple=True, metavar="GRANULARITY:λ=FILE",
               help="Score an existing scales file as the point GRANULARITY:λ instead of training it.")
 @click.option("--tasks", default="lines", show_default=True, help="Training tasks (comma list).")
-@click.option("--samples", type=int, default=50, show_default=True)
+@click.option("--samples", type=int, default=DEFAULT_SAMPLES, show_default=True)
 @click.option("--length", type=int, default=1024, show_default=True)
 @click.option("--min-length", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True, help="Training cases' seed.")

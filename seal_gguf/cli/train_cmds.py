@@ -25,7 +25,7 @@ from seal_gguf.learn.plan import (
     parse_max_memory,
     place_layers,
 )
-from seal_gguf.learn.train import DEFAULT_LR, DEFAULT_LR_SCHEDULE, LR_SCHEDULES, train_scales
+from seal_gguf.learn.train import DEFAULT_LR, DEFAULT_LR_SCHEDULE, DEFAULT_SAMPLES, LR_SCHEDULES, train_scales
 from seal_gguf.measure.general import GENERAL_TOKENS
 from seal_gguf.model.loading import DEVICES, DTYPES, load_tokenizer
 from seal_gguf.model.rope import rope_for_model
@@ -46,7 +46,7 @@ def _accuracy(result: tuple[int, int] | None) -> str:
               help="head: one scale per head (SEAL-H); channel: one per head channel (SEAL-C).")
 @click.option("--task", default="lines", show_default=True, metavar="TASK[,TASK...]",
               help=f"Generated training task, or several interleaved ({', '.join(TASKS)}).")
-@click.option("--samples", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
               help="Training cases (one epoch, batch 1).")
 @click.option("--length", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Prompt length of each case, in tokens of the model's tokenizer.")
