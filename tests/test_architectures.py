@@ -57,7 +57,8 @@ TOKENS = 64
 NATIVE = 32  # the context the extension tests stretch, x FACTOR
 FACTOR = 2
 # what each architecture's tiny model needs besides its tiny_models.CONFIGS entry
-OPTIONS: dict[str, dict[str, object]] = {arch: {"sliding_window": WINDOW} for arch in ("gemma3_text", "gemma3", "gemma2")}
+OPTIONS: dict[str, dict[str, object]] = {arch: {"sliding_window": WINDOW}
+                                         for arch in ("gemma3_text", "gemma3", "gemma2", "gpt_oss")}
 WINDOWED = sorted(OPTIONS)  # the models llama.cpp runs with their sliding window
 QTYPES = ("q8_0", "q4_k_m")
 
@@ -187,13 +188,16 @@ def test_windows_llama_cpp_cannot_run_are_refused(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if arch_specs()[a].requires])
 def test_configs_llama_cpp_would_run_otherwise_are_refused(arch: str) -> None:
-    config = functools.partial(small_config, arch)
+    def config(key: str, value: object) -> dict:  # a dotted key sets a nested one (rope_parameters.truncate)
+        section, _, inner = key.rpartition(".")
+        return small_config(arch, **({section: {"rope_type": "yarn", inner: value}} if section else {key: value}))
+
     for key, (value, why) in arch_specs()[arch].requires.items():
-        assert layout_from_config(config(**{key: value})).num_heads == 4
+        assert layout_from_config(config(key, value)).num_heads == 4
         other = (not value) if isinstance(value, bool) else value + "x" if isinstance(value, str) else value + 1
         with pytest.raises(ArchitectureError, match=re.escape(f"{key} is {other!r}; seal-gguf converts {arch} "
                                                               f"models with {key} = {value!r} only: {why}")):
-            layout_from_config(config(**{key: other}))
+            layout_from_config(config(key, other))
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if arch_specs()[a].requires_equal])
@@ -264,22 +268,9 @@ def test_f32_every_route_exact(built, arch: str, granularity: str) -> None:
     assert np.abs(ref - base_ref).max() > 1000 * gap
 
 
-# A tiny random MoE router has near-ties: the rounding of f16, bf16 or q8_0 sends some tokens to other
-# experts, in the base GGUF and in the folded one alike, and each such token moves its logits far more
-# than rounding does. These cases are measured, not gated (the f32 gate and the anchor hold for them).
-MOE_FLIPS = pytest.mark.xfail(strict=False, reason="tiny random MoE routers switch experts under rounding")
-HALF_FLIPS = {("mixtral", "head"), ("mixtral", "channel"), ("qwen3_moe", "channel")}
-QUANT_FLIPS = {("qwen3_moe", "head", "q8_0"), ("qwen3_moe", "channel", "q8_0")}
-
-
-def cases(*axes: tuple[str, ...], flips: set[tuple[str, ...]]) -> list:
-    import itertools
-
-    return [pytest.param(*c, marks=MOE_FLIPS) if c in flips else c for c in itertools.product(*axes)]
-
-
 @pytest.mark.engine
-@pytest.mark.parametrize(("arch", "granularity"), cases(ARCHS, GRANULARITIES, flips=HALF_FLIPS))
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_f16_bf16_close(built, arch: str, granularity: str) -> None:
     b = built(arch, granularity)  # the converter's f16 for head scales, bf16 for channel scales
     ref, got = torch_logits(b["model"], b["values"]), gguf_logits(b["ggufs"][b["half"]])
@@ -292,7 +283,9 @@ def test_f16_bf16_close(built, arch: str, granularity: str) -> None:
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize(("arch", "granularity", "qtype"), cases(ARCHS, GRANULARITIES, QTYPES, flips=QUANT_FLIPS))
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_quantized_as_close_as_the_base(built, arch: str, granularity: str, qtype: str) -> None:
     b = built(arch, granularity)
     seal = mean_kld(torch_logits(b["model"], b["values"]), gguf_logits(b["ggufs"][qtype]))
@@ -312,6 +305,34 @@ def test_seal_gguf_loader_runs_every_architecture(tiny_model, arch: str) -> None
     with torch.no_grad():
         got = model(input_ids=torch.tensor([input_ids()])).logits[0].float().numpy()
     assert np.abs(got - torch_logits(model_dir)).max() <= 1e-4
+
+
+MOE = [a for a in ARCHS if {"num_local_experts", "num_experts"} & set(CONFIGS[a])]
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("arch", MOE)
+def test_moe_routing_has_a_clear_margin(built, arch: str) -> None:
+    """The tiny MoE models' routers (tiny_models.clear_routing) choose each token's experts with a margin
+    far beyond what f16, bf16 or quantization moves a router logit by: the gates above hold without a
+    token switching experts in one GGUF and not in the other."""
+    model_dir = built(arch, "head")["model"]
+    model, margins = hf_model(model_dir), []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        logits = torch.nn.functional.linear(args[0], module.weight, getattr(module, "bias", None))
+        top = logits.sort(-1, descending=True).values
+        k = text_config(read_config(model_dir), arch_specs()[arch]).get("num_experts_per_tok", 2)
+        margins.append(float((top[..., k - 1] - top[..., k]).min()))
+
+    routers = [m for name, m in model.named_modules() if name.endswith((".mlp.gate", ".mlp.router"))]
+    assert len(routers) == model_layout(model_dir).num_layers
+    handles = [m.register_forward_pre_hook(record) for m in routers]
+    with torch.no_grad():
+        model(torch.tensor([input_ids()]))
+    for handle in handles:
+        handle.remove()
+    assert len(margins) == len(routers) and min(margins) > 5.0, margins
 
 
 # -- sliding windows and context extension --
@@ -338,6 +359,33 @@ def test_sliding_window_models_run_beyond_their_window(built, arch: str) -> None
     windowed = torch_logits(model_dir)
     assert np.abs(full[:WINDOW] - windowed[:WINDOW]).max() < 1e-4
     assert np.abs(full[WINDOW + 1:] - windowed[WINDOW + 1:]).max() > 0.1
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_gpt_oss_o_proj_bias_untouched(built, granularity: str) -> None:
+    """GPT-OSS's o_proj has a bias: every fold leaves it as it was (the scales act on the heads, before it)."""
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    b = built("gpt_oss", granularity)
+    layout = model_layout(b["model"])
+    for layer in range(layout.num_layers):
+        name = layout.o_proj_module(layer) + ".bias"
+        with safe_open(b["model"] / "model.safetensors", "pt") as base, \
+                safe_open(b["folded"] / "model.safetensors", "pt") as folded:
+            assert torch.equal(base.get_tensor(name), folded.get_tensor(name))
+            assert not torch.equal(base.get_tensor(name[:-4] + "weight"), folded.get_tensor(name[:-4] + "weight"))
+
+    def tensors(path: Path) -> dict[str, np.ndarray]:
+        return {t.name: np.array(t.data) for t in GGUFReader(str(path)).tensors if ".attn_output." in t.name}
+
+    base = tensors(b["base"]["f32"])
+    assert len(base) == 2 * layout.num_layers
+    for route in ("patch", "fold", "fold-gguf"):
+        got = tensors(b["ggufs"][route])
+        for name, data in base.items():
+            assert np.array_equal(got[name], data) == name.endswith(".bias"), (route, name)
 
 
 @pytest.mark.engine

@@ -20,9 +20,11 @@ BASE: dict[str, Any] = dict(
     rms_norm_eps=1e-6,
 )
 
-# Mixture-of-experts router weights are multiplied by this: the experts a token goes to then do not
-# change with the rounding of f16, bf16 or q8_0 (in the base GGUF as in the folded one).
-ROUTER_SHARPNESS = 8.0
+# Mixture-of-experts models route every token by one channel of the residual stream (see clear_routing).
+ROUTING_CHANNEL = 0
+ROUTING_LEVEL = 1.0  # that channel's value in every token's embedding, sign drawn per token
+ROUTING_GAIN = 10.0  # the MLP input norm's weight on it (the residual stream around it grows to an RMS of ~2)
+ROUTING_SLOPE = 4.0  # the routers' weight on it: +slope for the first k experts, -slope for the other k
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
@@ -63,6 +65,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
                      vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                                         head_dim=32, image_size=32, patch_size=8),
                      image_token_index=10, tie_word_embeddings=False),
+    # GPT-OSS: attention sinks, biased q/k/v/o projections, sliding window on every other layer, YaRN RoPE as
+    # released but truncated (as llama.cpp runs it), mixture-of-experts MLPs (unquantized experts: the
+    # converter takes them as they are, MXFP4 is not needed)
+    "gpt_oss": dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], head_dim=64, num_local_experts=4,
+                    num_experts_per_tok=2, intermediate_size=256, sliding_window=512, max_position_embeddings=131072,
+                    tie_word_embeddings=False,
+                    rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=True,
+                                         original_max_position_embeddings=4096, rope_theta=150000.0)),
     # sliding window on every other layer (the window is set by the tests), attention logits soft-capped
     # low enough to bend them (about 1.6 before the cap), final logits soft-capped as released
     "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=64, sliding_window=512,
@@ -105,10 +115,7 @@ def build_tiny_model(
     kind = spec.pop("model_type")
     config = AutoConfig.for_model(kind, **spec)
     model = transformers_class(kind).from_config(config).to(dtype).eval()
-    with torch.no_grad():  # MoE routers, sharper: a random router's near-ties flip under any rounding
-        for name, param in model.named_parameters():
-            if name.endswith(".mlp.gate.weight"):
-                param.mul_(ROUTER_SHARPNESS)
+    clear_routing(model, kind, seed)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
     for item in Path(tokenizer_dir).iterdir():
@@ -119,6 +126,48 @@ def build_tiny_model(
     if converter_tokenizer and model_type in CONVERTER_TOKENIZER:
         CONVERTER_TOKENIZER[model_type](Path(out_dir))
     return Path(out_dir)
+
+
+def clear_routing(model: torch.nn.Module, model_type: str, seed: int) -> None:
+    """Give a tiny mixture-of-experts model's routers a clear margin, so that no rounding (f16, bf16, q8_0,
+    q4_k_m; base or folded) sends a token to other experts.
+
+    A random router's top-k has near-ties: among 64 tokens x 2 layers some token's k-th and (k+1)-th
+    logits lie closer than the rounding moves them, and that token's output then jumps by far more than
+    rounding (scaling the router does not help: the choice is scale-free). Here the residual stream's
+    channel ROUTING_CHANNEL holds +-ROUTING_LEVEL from the embedding alone (sign drawn per token; the rows
+    of o_proj and of the MLPs' down projections that would write it are zero, and so are the MLPs' input
+    columns that would read it: it feeds the routers alone), and every router adds
+    +-ROUTING_SLOPE times it (after the MLP input norm, whose weight there is ROUTING_GAIN) to its random
+    logits: +slope for the first k experts, -slope for the other k. Each token goes to one half of the
+    experts with a margin of 2 x slope x |normed channel| (test_moe_routing_has_a_clear_margin measures it),
+    and its mixture weights inside that half stay those of the random router. Without MoE layers: nothing
+    changes."""
+    routers = [(name, p) for name, p in model.named_parameters() if name.endswith((".mlp.gate.weight",
+                                                                                     ".mlp.router.weight"))]
+    if not routers:
+        return
+    c, config = ROUTING_CHANNEL, model.config.get_text_config()
+    k = int(config.num_experts_per_tok)
+    signs = torch.where(torch.rand(config.vocab_size, generator=torch.Generator().manual_seed(seed)) < 0.5, -1.0, 1.0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, c] = ROUTING_LEVEL * signs
+        for name, p in model.named_parameters():
+            if name.endswith((".o_proj.weight", ".down_proj.weight")) or name.endswith((".o_proj.bias", ".down_proj.bias")):
+                p[c] = 0  # nn.Linear: output rows
+            elif name.endswith((".gate_proj.weight", ".up_proj.weight", ".shared_expert_gate.weight")):
+                p[:, c] = 0  # nn.Linear inputs of the MLPs: the channel feeds the routers alone
+            elif name.endswith(".experts.gate_up_proj"):  # fused experts: [E, 2 x inter, hidden], gpt-oss [E, hidden, 2 x inter]
+                (p[:, c, :] if model_type == "gpt_oss" else p[..., c]).zero_()
+            elif name.endswith(".post_attention_layernorm.weight"):
+                p[c] = ROUTING_GAIN
+            elif name.endswith(".experts.down_proj_bias"):
+                p[..., c] = 0
+            elif name.endswith(".experts.down_proj"):  # fused experts: [E, hidden, inter], gpt-oss [E, inter, hidden]
+                (p[..., c] if model_type == "gpt_oss" else p[:, c, :]).zero_()
+        for _, p in routers:
+            assert p.shape[0] == 2 * k, "clear_routing needs k = half the experts"
+            p[:, c] = ROUTING_SLOPE * torch.tensor([1.0] * k + [-1.0] * k)
 
 
 def _edit_json(path: Path, edit: Any) -> None:

@@ -49,7 +49,7 @@ class ArchSpec:
     rope_scaling: tuple[str, ...]  # context extensions checked through llama.cpp
     unsupported_sliding_window: str | None  # why llama.cpp cannot run its sliding window; None: it can
     rope_scaling_refused: str | None  # why the other context extensions cannot be used
-    requires: dict[str, tuple[Any, str]]  # config key -> (the value llama.cpp assumes, why)
+    requires: dict[str, tuple[Any, str]]  # config key (dotted: nested) -> (the value llama.cpp assumes, why)
     # config key -> (the values llama.cpp may assume: "key", "key/key", each optionally "... if key=value"
     # or "... if key!=value"; why)
     requires_equal: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
@@ -204,8 +204,9 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
             raise InputError(f"{where}: cannot derive head_dim from {spec.hidden_size}={hidden!r}")
         head_dim = hidden // num_heads
     for key, (value, why) in spec.requires.items():
-        if key in config and config[key] != value:
-            raise ArchitectureError(f"{where}: {key} is {config[key]!r}; seal-gguf converts {model_type} models "
+        given = config_value(config, key)
+        if given is not MISSING and given != value:
+            raise ArchitectureError(f"{where}: {key} is {given!r}; seal-gguf converts {model_type} models "
                                     f"with {key} = {value!r} only: {why}")
     known = {**config, spec.head_dim: head_dim}
     for key, (values, why) in spec.requires_equal.items():
@@ -223,6 +224,19 @@ def layout_from_config(config: dict[str, Any], where: Path | str = "config.json"
     if min(layout.num_layers, layout.num_heads, layout.head_dim) <= 0:
         raise InputError(f"{where}: gives a non-positive head layout: {layout}")
     return layout
+
+
+MISSING = object()
+
+
+def config_value(config: dict[str, Any], key: str) -> Any:
+    """config[key], where a dotted key ("rope_parameters.truncate") reads nested sections; MISSING if absent."""
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return MISSING
+        value = value[part]
+    return value
 
 
 def _assumed(config: dict[str, Any], rule: str) -> float | None:
