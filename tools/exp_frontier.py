@@ -76,6 +76,12 @@ def parse_points(spec: str) -> list[tuple[str, float]]:
     return points
 
 
+def series(row: dict) -> tuple[str, str, str]:
+    """The recipe a frontier row belongs to: (granularity, lr schedule, training cases)."""
+    # CSVs from before the schedule existed have no column: their rows were trained at a constant rate
+    return row["granularity"], row.get("lr_schedule") or "constant", str(row["samples"])
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -86,12 +92,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     markers = {"head": "o", "channel": "s"}
     for ax, key, xlabel in ((axes[0], "ppl_ratio", "general-text perplexity, SEAL / base"),
                             (axes[1], "mean_kld", "mean KL(base ‖ SEAL), nats per token")):
-        for g in GRANULARITIES:
-            pts = sorted((float(r[key]), float(r["heldout_accuracy"]), r) for r in rows if r["granularity"] == g)
-            if not pts:
-                continue
+        # one line per recipe: granularity, schedule and number of cases; λ along it
+        for recipe in dict.fromkeys(series(r) for r in rows if r["granularity"]):
+            pts = sorted((float(r[key]), float(r["heldout_accuracy"]), r) for r in rows if series(r) == recipe)
+            g, schedule, samples = recipe
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[g], linestyle=":",
-                    label=GRANULARITY_LABEL[g])
+                    label=f"{GRANULARITY_LABEL[g]}, {schedule} lr, {samples} cases")
             for x, y, r in pts:
                 ax.annotate(f"λ={float(r['anchor_weight']):g}", (x, y), textcoords="offset points", xytext=(4, 4),
                             fontsize=8)
@@ -247,7 +253,7 @@ def report(rows: list[dict], work: Path, command: str, samples: int, tasks: str,
            no_append: bool) -> None:
     png = work / "frontier.png"
     plot(rows, png, f"SmolLM2-135M-Instruct: held-out lines at {eval_length} tokens (n={eval_samples}) vs "
-                    f"general-text cost ({general_tokens} tokens), {samples} {tasks} cases at {length}")
+                    f"general-text cost ({general_tokens} tokens); trained on {tasks} cases at {length}")
     click.echo(f"Wrote {png}")
     if no_append:
         return
