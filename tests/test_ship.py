@@ -25,10 +25,12 @@ from helpers import one_line_error
 from interrupts import default_sigint
 
 from seal_gguf.cli.app import cli
+from seal_gguf.constants import ScalesMeta
 from seal_gguf.gguffile.metadata import GGUFFacts, read_gguf_facts
 from seal_gguf.learn.objective import DEFAULT_ANCHOR_WEIGHT
 from seal_gguf.ship.gotemplate import GoTemplateError, Unsupported, render_go_template
 from seal_gguf.ship.ollama import FAMILIES, own_template, translate
+from seal_gguf.ship.provenance import MAX_DEFAULT_CTX, Recipe, default_context
 
 # -- helpers --
 
@@ -328,11 +330,25 @@ def shipped(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
+@pytest.mark.parametrize(("native", "learned", "expected"), [
+    (8192, 1024, 8192),  # scales learned at 1K still run at the model's own context
+    (131072, None, MAX_DEFAULT_CTX),  # capped: a 128K KV cache nobody asked for
+    (2048, 4096, 4096),  # scales learned under a context extension: their length
+    (None, None, MAX_DEFAULT_CTX),
+])
+def test_default_context(native: int | None, learned: int | None, expected: int) -> None:
+    metadata: dict = {"general.architecture": "llama"} | ({"llama.context_length": native} if native else {})
+    facts = GGUFFacts(Path("m.gguf"), metadata, "", "", 0)
+    recipe = Recipe(Path("s.safetensors"), {ScalesMeta.LENGTH: str(learned)}) if learned else None
+    assert default_context(facts, recipe)[0] == expected
+
+
 def test_fold_and_convert_writes_the_modelfile(shipped: Path) -> None:
     commands = parse_modelfile((shipped / "seal-f16.Modelfile").read_text(encoding="utf-8"))
     fields = dict(commands)
     assert fields["model"] == "./seal-f16.gguf"
-    assert fields["num_ctx"] == "320"  # the length the scales were learned at, from their recipe
+    # the model's own context (the scales were learned at 320 tokens: shorter, so not the default)
+    assert fields["num_ctx"] == str(read_gguf_facts(shipped / "seal-f16.gguf").context_length)
     facts = read_gguf_facts(shipped / "seal-f16.gguf")
     assert facts.scales_sha256 is not None
     for conversation in (TURNS, [SYSTEM, *TURNS]):

@@ -53,8 +53,8 @@ def modelfile_after_conversion(gguf: Path, scales: Path | None, force: bool) -> 
               help="Address to listen on (0.0.0.0: every interface; then set --api-key).")
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True, help="Port.")
 @click.option("--n-ctx", type=click.IntRange(min=1), default=None,
-              help="Context size in tokens [default: the length the SEAL scales were learned at, else the "
-                   "model's context length up to 8192].")
+              help="Context size in tokens [default: the model's context length up to 8192, or the length the "
+                   "SEAL scales were learned at where that is longer].")
 @scales_option
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads [default: llama-cpp-python's, half the cores].")
@@ -95,8 +95,8 @@ def serve(model: Path, host: str, port: int, n_ctx: int | None, scales: Path | N
               help="Your own Ollama (Go) template, for a chat template seal-gguf does not know.")
 @click.option("--stop", multiple=True, help="A stop string (repeatable) [default: the template family's].")
 @click.option("--num-ctx", type=click.IntRange(min=1), default=None,
-              help="Ollama's context size [default: the length the SEAL scales were learned at, else the "
-                   "model's context length up to 8192].")
+              help="Ollama's context size [default: the model's context length up to 8192, or the length the "
+                   "SEAL scales were learned at where that is longer].")
 @scales_option
 @force_option
 @handle_errors

@@ -69,14 +69,19 @@ def find_recipe(facts: GGUFFacts, scales: Path | None = None, candidates: Iterab
 
 
 def default_context(facts: GGUFFacts, recipe: Recipe | None) -> tuple[int, str]:
-    """The context to run the GGUF with when the user gives none, and why."""
-    if recipe is not None and recipe.length is not None:
-        return recipe.length, f"the length the SEAL scales were learned at (recorded in {recipe.source.name})"
+    """The context to run the GGUF with when the user gives none, and why: the model's context length
+    (capped at MAX_DEFAULT_CTX), or the length the scales were learned at where that is longer (scales
+    learned under a context extension). Not the learned length alone: SEAL is for long prompts, and
+    scales learned at 1K tokens still help at 2K (README, Results)."""
     native = facts.context_length
     if native is None:
-        return MAX_DEFAULT_CTX, "seal-gguf's default: the GGUF records no context length"
-    if native > MAX_DEFAULT_CTX:
-        return MAX_DEFAULT_CTX, f"the model's context length {native}, capped at {MAX_DEFAULT_CTX}"
-    return native, "the model's context length"
+        ctx, reason = MAX_DEFAULT_CTX, "seal-gguf's default: the GGUF records no context length"
+    elif native > MAX_DEFAULT_CTX:
+        ctx, reason = MAX_DEFAULT_CTX, f"the model's context length {native}, capped at {MAX_DEFAULT_CTX}"
+    else:
+        ctx, reason = native, "the model's context length"
+    if recipe is not None and recipe.length is not None and recipe.length > ctx:
+        return recipe.length, f"the length the SEAL scales were learned at (recorded in {recipe.source.name})"
+    return ctx, reason
 
 

@@ -2,8 +2,8 @@
 
 llama-cpp-python's server (its `server` extra: FastAPI, uvicorn) runs in this process. Chat
 completions use the GGUF's own chat template: with no chat format given, llama-cpp-python takes
-tokenizer.chat_template from the GGUF. The context defaults to the length the SEAL scales were
-learned at (their recipe, found by the sha256 the GGUF records), else the model's own, capped.
+tokenizer.chat_template from the GGUF. The context defaults to the model's own, capped, or the
+length the SEAL scales were learned at where that is longer (seal_gguf.ship.provenance).
 The port is bound before the model is loaded, so a port in use fails at once.
 """
 
