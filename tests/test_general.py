@@ -227,6 +227,10 @@ def test_anchor_windows(tokenizer, tmp_path: Path) -> None:
     assert mine and all(len(w) == 32 for w in mine)
     with pytest.raises(InputError, match="empty after tokenization"):
         anchor_windows(tokenizer, 32, [Document("empty", "")])
+    with pytest.raises(InputError, match=r"no anchor document fills one window of 100000 tokens \(the longest gives"):
+        anchor_windows(tokenizer, 100_000)
+    with pytest.raises(InputError, match="no anchor document fills one window of 256 tokens"):
+        anchor_windows(tokenizer, 256, [Document("short", "hello world")])
     with pytest.raises(InputError, match="no such"):
         anchor_documents(tmp_path / "missing.txt")
 

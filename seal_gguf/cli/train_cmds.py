@@ -115,6 +115,9 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
       seal-gguf train llama-70b/ -o scales.safetensors --length 16384 --dtype bfloat16 --device-map auto
     """
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
+    if anchor_weight == 0 and (anchor_text is not None or cache_teacher):
+        click.echo("warning: --anchor-weight 0 turns the anchor off: --anchor-text and --cache-teacher have no "
+                   "effect", err=True)
     # refuse existing outputs before the long work, not after it
     check_output_path(output, force, inputs=[cases_file, anchor_text])
     if save_cases_file is not None:

@@ -60,7 +60,8 @@ def anchor_windows(tokenizer: Any, window: int, documents: Sequence[Document] | 
 
     documents: the texts (default: anchor_documents(), the built-in anchor text). Windows never
     cross documents; see split_windows for their length and the BOS prefix. Raises InputError if
-    the window is too short or the text gives no window.
+    the window is too short, the text gives no window, or no document fills one window (the
+    window recorded in the scales' provenance would then not be the one trained on).
     """
     if window < 2:
         raise InputError(f"the anchor window must be at least 2 tokens (got {window})")
@@ -73,4 +74,8 @@ def anchor_windows(tokenizer: Any, window: int, documents: Sequence[Document] | 
     if not windows:
         names = ", ".join(d.name for d in documents) or "no document"
         raise InputError(f"the anchor text ({names}) is empty after tokenization")
+    longest = max(len(w) for w in windows)
+    if longest < window:
+        raise InputError(f"no anchor document fills one window of {window} tokens (the longest gives {longest}); "
+                         f"use --anchor-window {longest} or less, or a longer --anchor-text")
     return windows

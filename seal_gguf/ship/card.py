@@ -372,7 +372,7 @@ def write_card(gguf: Path, out: Path | None = None, *, validate_json: Path | Non
     facts = read_gguf_facts(gguf)
     if GGUFKeys.FORMAT not in facts.seal:
         raise InputError(f"{gguf}: not a SEAL GGUF (no seal.* metadata); fold scales into it first, e.g. "
-                         f"`seal-gguf fold-gguf {gguf.name} scales.safetensors -o {gguf.stem}-seal.gguf`")
+                         f"`seal-gguf fold-gguf {gguf} scales.safetensors -o {gguf.with_name(gguf.stem + '-seal.gguf')}`")
     # scales files the reports name, wherever they still exist: a relative path is relative to the
     # folder the command ran in, here or (often) the report's own
     named = [(Path(validation[0]["scales"]), validation[1])] if validation and validation[0].get("scales") else []
