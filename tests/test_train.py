@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 
 import seal_gguf.learn.train as train_module
 from seal_gguf.cases import encode_case, load_cases
-from seal_gguf.cli.app import cli
+from seal_gguf.cli.app import Terminated, cli
 from seal_gguf.constants import ScalesMeta
 from seal_gguf.errors import InputError
 from seal_gguf.learn.objective import (
@@ -323,6 +324,17 @@ def test_ctrl_c_leaves_no_file(llama: Path, tmp_path: Path, monkeypatch: pytest.
     result = CliRunner().invoke(cli, ["train", str(llama), "-o", str(tmp_path / "s.safetensors"), "--samples", "3",
                                       "--length", "320", "--device", "cpu", "--eval-samples", "0", "-q"])
     assert result.exit_code == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kill_exits_143_and_leaves_no_file(llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def killed(*args, **kwargs):  # SIGTERM arrives while the cases are generated (seal_gguf.cli.main's handler)
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(train_module, "make_mixture", killed)
+    result = CliRunner().invoke(cli, ["train", str(llama), "-o", str(tmp_path / "s.safetensors"), "--samples", "3",
+                                      "--length", "320", "--device", "cpu", "--eval-samples", "0", "-q"])
+    assert result.exit_code == 143 and "Interrupted; no partial output was left behind." in result.output
     assert list(tmp_path.iterdir()) == []
 
 

@@ -16,11 +16,11 @@ from . import (  # noqa: F401
     train_cmds,
     validate_cmds,
 )
-from .app import cli
+from .app import Terminated, cli
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Terminated(signum)
 
 
 def main() -> None:

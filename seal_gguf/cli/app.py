@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -18,6 +19,14 @@ from seal_gguf.model.rope import KINDS as ROPE_KINDS
 F = TypeVar("F", bound=Callable[..., Any])
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Terminated(KeyboardInterrupt):
+    """A termination signal (`kill`), raised where the program is so that it cleans up as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -52,9 +61,10 @@ def handle_errors(func: F) -> F:
                 traceback.print_exc()
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo("Interrupted; no partial output was left behind.", err=True)
-            sys.exit(130)
+            # the shell's convention: 128 + the signal's number (130 Ctrl-C, 143 kill)
+            sys.exit(128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT))
 
     return wrapper  # type: ignore[return-value]
 
