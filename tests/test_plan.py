@@ -15,6 +15,7 @@ from seal_gguf.errors import InputError
 from seal_gguf.learn.measure_step import measure_step
 from seal_gguf.learn.plan import DISK, estimate_step, model_shape, parse_max_memory, parse_size, place_layers
 from seal_gguf.learn.train import train_scales
+from seal_gguf.model.architectures import supported_model_types
 from seal_gguf.model.loading import load_model
 
 MiB = 2**20
@@ -46,6 +47,15 @@ def test_tied_lm_head_is_placed_with_the_embeddings(smollm2_dir: Path) -> None:
 def test_shape_needs_only_config_json(llama4: Path, tmp_path: Path) -> None:
     shutil.copy(llama4 / "config.json", tmp_path / "config.json")
     assert model_shape(tmp_path) == model_shape(llama4)
+
+
+@pytest.mark.parametrize("model_type", sorted(supported_model_types()))
+def test_shape_of_every_architecture(tiny_model, model_type: str) -> None:
+    """transformers builds each on the meta device with the class the loader uses (multimodal ones
+    included), and every decoder layer is counted."""
+    model_dir = tiny_model(model_type)
+    shape = model_shape(model_dir)
+    assert len(shape.layer_params) == shape.layout.num_layers and all(n > 0 for n in shape.layer_params)
 
 
 def test_estimate_grows_with_length_and_checkpointing_saves_memory(llama4: Path) -> None:

@@ -38,6 +38,7 @@ from seal_gguf.model.architectures import (
     layout_from_config,
     read_config,
     text_config,
+    transformers_class,
 )
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -82,7 +83,7 @@ def model_shape(model_dir: Path) -> ModelShape:
     """The shape of the model in model_dir from its config.json alone: transformers builds it on
     the meta device (no weights are read, so a folder with only config.json will do)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -92,7 +93,7 @@ def model_shape(model_dir: Path) -> ModelShape:
     try:
         hf_config = AutoConfig.from_pretrained(str(model_dir))
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
+            model = transformers_class(layout.model_type).from_config(hf_config)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{where}: transformers cannot build this model ({str(exc).splitlines()[0]})") from None
     layers_prefix = layout.layers_prefix
