@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from seal_gguf.cli.app import cli
-from seal_gguf.model.architectures import model_layout
+from seal_gguf.model.architectures import model_layout, supported_model_types
 from seal_gguf.scales import expected_shape, save_scales
 
 
@@ -75,7 +75,7 @@ def test_unsupported_architecture(model: Path, scales: Path, tmp_path: Path) -> 
     config = json.loads((model / "config.json").read_text())
     config["model_type"] = "gpt2"
     (model / "config.json").write_text(json.dumps(config))
-    run_fails(["fold", str(model), str(scales), "-o", str(tmp_path / "out")], "supported: gemma3, gemma3_text", [model],
+    run_fails(["fold", str(model), str(scales), "-o", str(tmp_path / "out")], "model_type 'gpt2' is not supported; supported: " + ", ".join(sorted(supported_model_types())), [model],
               tmp_path / "out")
 
 
