@@ -23,7 +23,9 @@ def fold_gguf_cmd(gguf_file: Path, scales: Path, out_path: Path, force: bool, qu
     Only the attn_output tensors change, in their own type: f32, f16 and bf16 are scaled exactly;
     Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 are dequantized, scaled and quantized back (with SEAL-H scales
     and a head size that is a multiple of 32 that costs fp16 rounding only); K-quants, IQ4_NL,
-    IQ4_XS and IQ3_S are requantized by llama.cpp's quantizer, a small extra loss. Every other
+    IQ4_XS and IQ3_S are requantized by llama.cpp's quantizer, an extra loss. SEAL-C scales
+    requantize every block of the low-bit types (2-3x the base GGUF's KLD on real models): take
+    SEAL-C through fold-and-convert or convert + quantize instead. Every other
     tensor and all metadata are copied byte for byte; seal.* keys record the scales. --force also
     folds into a GGUF that already has scales (its seal.* keys are replaced).
 
