@@ -1,8 +1,8 @@
 """Learning SEAL scales: the model frozen, only the scales train, on generated retrieval cases.
 
 Recipe (the paper's): scales initialised at 1.0, applied by forward pre-hooks on o_proj
-(seal_gguf.model.hooks); AdamW with a constant learning rate (or, `lr_schedule="cosine"`, annealed to 0
-over the epoch) and no weight decay (decay would pull the
+(seal_gguf.model.hooks); AdamW with a constant learning rate (`lr_schedule="constant"`; the default
+anneals it to 0 over the epoch, see LR_SCHEDULES) and no weight decay (decay would pull the
 scales toward 0, not toward the identity 1.0); one epoch, batch 1; cross-entropy on the answer
 tokens only. The output layer runs only on the answer positions (`logits_to_keep`): with large
 vocabularies it is most of a step's cost. After each step the scales are clamped to MIN_SCALE so
