@@ -24,10 +24,10 @@ from helpers import scales_file
 from tiny_models import build_tiny_model
 
 from seal_gguf.cli.app import cli
-from seal_gguf.constants import ScalesMeta
+from seal_gguf.constants import GGUFKeys, ScalesMeta
 from seal_gguf.convert.from_gguf import check_import, derive_config, import_gguf
 from seal_gguf.convert.to_gguf import convert_to_gguf
-from seal_gguf.errors import InputError, ScalesError
+from seal_gguf.errors import EngineError, InputError, ScalesError
 from seal_gguf.gguffile.header import read_gguf_header, read_metadata
 from seal_gguf.model.architectures import model_layout
 from seal_gguf.model.checkpoint import model_fingerprint, read_headers, weight_files
@@ -381,11 +381,14 @@ def test_quantizer_refusal_explained(odd_rows: Path, tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def gguf_with(path: Path, name: str, values: np.ndarray, qtype: str) -> Path:
+def gguf_with(path: Path, name: str, values: np.ndarray, qtype: str, sealed: bool = True) -> Path:
+    """A one-tensor GGUF; `sealed` writes the seal.scales_sha256 key that every folded GGUF carries."""
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
 
     writer = GGUFWriter(str(path), "llama")
+    if sealed:
+        writer.add_string(GGUFKeys.SCALES_SHA256, "0" * 64)
     kind = GGMLQuantizationType[qtype]
     data = values.astype(np.float16) if kind == GGMLQuantizationType.F16 else quantize(values, kind)
     writer.add_tensor(name, data, raw_dtype=kind)
@@ -412,6 +415,19 @@ def test_written_gguf_checked_for_non_finite(tmp_path: Path, qtype: str) -> None
     bad = gguf_with(tmp_path / "bad.gguf", "blk.0.attn_output.weight", huge, qtype)
     with pytest.raises(ScalesError, match="holds [0-9]+ non-finite weights"):
         check_written_gguf(bad, qtype.lower(), folded=True)
+
+
+@pytest.mark.unit
+def test_written_gguf_without_seal_keys_refused_when_folded(tmp_path: Path) -> None:
+    """A converter patch that folds nothing writes no seal.* keys: a GGUF meant to be folded is refused,
+    the same file written without scales passes."""
+    from seal_gguf.convert.quantize import check_written_gguf
+
+    plain = gguf_with(tmp_path / "plain.gguf", "blk.0.attn_output.weight", np.full((4, 32), 0.5, np.float32),
+                      "F16", sealed=False)
+    check_written_gguf(plain, "f16", folded=False, warn=pytest.fail)
+    with pytest.raises(EngineError, match="patch folded nothing"):
+        check_written_gguf(plain, "f16", folded=True)
 
 
 @pytest.mark.engine
