@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     gguf_cmds,
     heads_cmds,
     model_cmds,
+    peft_cmds,
     ship_cmds,
     train_cmds,
     validate_cmds,
