@@ -11,6 +11,7 @@ from . import (  # noqa: F401
     eval_cmds,
     gguf_cmds,
     heads_cmds,
+    imatrix_cmds,
     model_cmds,
     peft_cmds,
     ship_cmds,
