@@ -20,6 +20,7 @@ from seal_gguf.convert.imatrix import (
     SUMS_SUFFIX,
     ImatrixData,
     collect_imatrix,
+    expert_weights,
     gguf_weight_names,
     write_imatrix,
 )
@@ -82,6 +83,10 @@ def test_multimodal_and_fused_weights_get_gguf_names(tiny_model) -> None:
     model, layout = load_model(tiny_model("phi3"), torch.device("cpu"), "float32", progress=False)
     names = set(gguf_weight_names(model, layout).values())
     assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"} <= names
+    assert expert_weights(model, layout) == []
+    model, layout = load_model(tiny_model("qwen3_moe"), torch.device("cpu"), "float32", progress=False)
+    assert "blk.1.attn_output.weight" in gguf_weight_names(model, layout).values()
+    assert len(expert_weights(model, layout)) == 2 * 2  # gate_up and down, per layer
 
 
 def test_llama_cpp_quantizes_with_it(tiny_model, converter: Path, tmp_path: Path) -> None:

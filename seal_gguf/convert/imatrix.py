@@ -125,6 +125,12 @@ def gguf_weight_names(model: nn.Module, layout: ModelLayout) -> dict[str, str]:
     return out
 
 
+def expert_weights(model: nn.Module, layout: ModelLayout) -> list[str]:
+    """The 3-D weights (mixture-of-experts experts) of the decoder layers: gguf_weight_names leaves them out."""
+    prefix = layout.layers_prefix + "."
+    return [name for name, p in model.named_parameters() if name.startswith(prefix) and p.dim() == 3]
+
+
 # -- text --
 
 def calibration_chunks(tokenizer: Any, documents: Sequence[Document], length: int, n_chunks: int,
@@ -266,6 +272,10 @@ def make_imatrix(model_dir: Path, scales_path: Path | None, out_path: Path, *, t
                                           force=False, certain=False)
         if mismatch and warn is not None:
             warn(mismatch)
+    experts = expert_weights(model, layout)
+    if experts and warn is not None:
+        warn(f"{len(experts)} expert weights ({experts[0]}, ...) get no entry: llama.cpp quantizes them without "
+             "a matrix, and refuses the types that need one (iq1_s .. iq3_xxs, q2_k_s) for them")
     data = collect_imatrix(model, layout, plan, None if scales is None else scales.values, progress)
     architecture = gguf.MODEL_ARCH_NAMES[gguf_architecture(layout)]
     return write_imatrix(out_path, data, architecture, force=force), data
