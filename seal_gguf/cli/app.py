@@ -76,6 +76,27 @@ fold_force_option = click.option(
          "base_fingerprint names another checkpoint (said in a warning).")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
+
+class SplitSize(click.ParamType):
+    """A size as llama.cpp's tools spell it (4G, 500M), in bytes: seal_gguf.convert.split.parse_split_size."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from seal_gguf.convert.split import parse_split_size  # imports gguf: only when the option is given
+
+        try:
+            return value if isinstance(value, int) else parse_split_size(str(value))
+        except SealError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+split_size_option = click.option(
+    "--split-max-size", type=SplitSize(), default=None, metavar="SIZE",
+    help="Write the output as llama.cpp's split parts OUT-00001-of-0000N.gguf ..., each with at most SIZE of "
+         "tensor data: 4G, 500M, 100K (1000-based, as llama.cpp's gguf-split) or bytes; llama.cpp loads the "
+         "first part. A tensor larger than SIZE gets a part of its own (said in a warning).")
+
 # Paths are checked by the library, which names the file and says what to do.
 PATH = click.Path(path_type=Path)
 

@@ -7,17 +7,20 @@ from pathlib import Path
 
 import click
 
-from .app import PATH, cli, fold_force_option, handle_errors, quiet_option
+from .app import PATH, cli, fold_force_option, handle_errors, quiet_option, split_size_option
 
 
 @cli.command("fold-gguf")
 @click.argument("gguf_file", type=PATH)
 @click.argument("scales", type=PATH)
-@click.option("-o", "--output", "out_path", type=PATH, required=True, help="The folded GGUF to write.")
+@click.option("-o", "--output", "out_path", type=PATH, required=True,
+              help="The folded GGUF to write (split output: its parts OUT-00001-of-0000N.gguf ...).")
+@split_size_option
 @fold_force_option
 @quiet_option
 @handle_errors
-def fold_gguf_cmd(gguf_file: Path, scales: Path, out_path: Path, force: bool, quiet: bool) -> None:
+def fold_gguf_cmd(gguf_file: Path, scales: Path, out_path: Path, split_max_size: int | None, force: bool,
+                  quiet: bool) -> None:
     """Fold SEAL scales into an existing GGUF, for when there is no HF checkpoint.
 
     Only the attn_output tensors change, in their own type: f32, f16 and bf16 are scaled exactly;
@@ -29,20 +32,28 @@ def fold_gguf_cmd(gguf_file: Path, scales: Path, out_path: Path, force: bool, qu
     tensor and all metadata are copied byte for byte; seal.* keys record the scales. --force also
     folds into a GGUF that already has scales (its seal.* keys are replaced).
 
+    A split GGUF is given by its first part (NAME-00001-of-0000N.gguf; every part must be there): the
+    output has the same parts, OUT-00001-of-0000N.gguf ..., unless --split-max-size splits it anew (a
+    size larger than the model writes one file, OUT).
+
     \b
     Examples:
       seal-gguf fold-gguf SmolLM2-135M-Instruct.Q4_1.gguf scales.safetensors -o smol-seal.Q4_1.gguf
       seal-gguf fold-gguf model-f16.gguf scales.safetensors -o model-seal-f16.gguf
+      seal-gguf fold-gguf big-Q4_K_M-00001-of-00003.gguf scales.safetensors -o big-seal-Q4_K_M.gguf
+      seal-gguf fold-gguf big-f16.gguf scales.safetensors -o big-seal-f16.gguf --split-max-size 4G
     """
     from seal_gguf.fold.gguf import fold_gguf  # imports gguf: only when the command runs
 
     started = time.monotonic()
-    result = fold_gguf(gguf_file, scales, out_path, force=force, progress=not quiet)
+    result = fold_gguf(gguf_file, scales, out_path, force=force, progress=not quiet, split_max_size=split_max_size)
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
     for qtype in result.requantized:
         click.echo(f"Note: the {qtype} attn_output tensors were requantized by llama.cpp's quantizer "
                    "(lossy); fold-and-convert from the HF model avoids that", err=True)
-    size = result.out_path.stat().st_size / 1e6
+    size = sum(path.stat().st_size for path in result.parts) / 1e6
+    parts = f"{len(result.parts)} parts, " if len(result.parts) > 1 else ""
     click.echo(f"Folded {result.layers} attn_output tensors ({', '.join(result.types)}) into {result.out_path} "
-               f"({size:.1f} MB, largest |weight| {result.max_abs_weight:.4g}) in {time.monotonic() - started:.1f} s")
+               f"({parts}{size:.1f} MB, largest |weight| {result.max_abs_weight:.4g}) in "
+               f"{time.monotonic() - started:.1f} s")

@@ -114,14 +114,16 @@ def import_gguf_cmd(gguf_file: Path, out_dir: Path, dtype: str, force: bool, qui
     """Turn a GGUF into a plain HF checkpoint (dequantized) with tokenizer and chat template.
 
     Written only when it is the GGUF's model: config values transformers does not read are derived as
-    llama.cpp derives them (head size from the key length, Gemma's attention scale), a part of a split
-    GGUF or a GGUF that lacks weights is refused, and the imported model is checked against the GGUF
-    in llama.cpp on a short token sequence (mean KL divergence within what the GGUF's type and --dtype
-    cost) before anything is written.
+    llama.cpp derives them (head size from the key length, Gemma's attention scale), a GGUF that lacks
+    weights is refused, and the imported model is checked against the GGUF in llama.cpp on a short
+    token sequence (mean KL divergence within what the GGUF's type and --dtype cost) before anything
+    is written. A split GGUF is given by its first part (NAME-00001-of-0000N.gguf), with every part
+    beside it; they are merged into a temporary GGUF beside OUT_DIR while transformers reads them.
 
     \b
-    Example:
+    Examples:
       seal-gguf import-gguf SmolLM2-135M-Instruct.Q4_1.gguf smol/
+      seal-gguf import-gguf big-Q8_0-00001-of-00003.gguf big/
     """
     import_gguf(gguf_file, out_dir, dtype=dtype, force=force, progress=not quiet)
     click.echo(f"Wrote {out_dir}")

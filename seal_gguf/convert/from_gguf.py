@@ -1,7 +1,8 @@
 """A GGUF (any type transformers can read) becomes a plain HF checkpoint, dequantized.
 
 An import is only written when it is the GGUF's model:
-- a part of a split GGUF is refused (merge the parts first);
+- a split GGUF, given by its first part, is read whole (its parts merged into a temporary GGUF beside
+  the output: transformers reads one file); a missing part, or parts of different splits, are refused;
 - config values that transformers' GGUF mapping leaves at its defaults are derived from the GGUF the
   way llama.cpp derives them (derive_config): head_dim from the key length, Gemma 3's attention scale;
 - transformers must find every weight of the model in the GGUF, and no other (missing weights would
@@ -13,7 +14,6 @@ An import is only written when it is the GGUF's model:
 
 from __future__ import annotations
 
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +23,14 @@ import numpy as np
 import torch
 
 from seal_gguf.constants import CONFIG_FOLD_KEY, GGUFKeys
-from seal_gguf.errors import InputError
+from seal_gguf.convert.split import single_gguf
+from seal_gguf.errors import InputError, SealError
 from seal_gguf.fileio import atomic_dir, check_output_path, first_line, require_gguf
 from seal_gguf.gguffile.header import read_metadata
 from seal_gguf.gguffile.metadata import gguf_seal_metadata
 from seal_gguf.model.loading import gguf_tokenizer
 
 IMPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# llama-gguf-split's names for part k of n, and its metadata key for n.
-SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
-SPLIT_COUNT_KEY = "split.count"
 # The import check: this many tokens of the GGUF's own tokenization of CHECK_TEXT.
 CHECK_TEXT = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
               "line swift-river: REGISTER_CONTENT is <31452>. What is the pass key? The pass key is 68203.")
@@ -54,16 +52,6 @@ class ImportCheck:
     mean_kld: float
     same_top: float
     limit: float
-
-
-def check_not_split(gguf_path: Path, metadata: dict[str, Any]) -> None:
-    """Refuse one part of a split GGUF: it holds only some of the model's weights."""
-    count = metadata.get(SPLIT_COUNT_KEY)
-    named = SPLIT_NAME.search(gguf_path.name)
-    if (isinstance(count, int) and count > 1) or named:
-        n = count if isinstance(count, int) and count > 1 else int(named.group(2)) if named else "?"
-        raise InputError(f"{gguf_path}: one part of a split GGUF ({n} parts); merge the parts first: "
-                         f"llama-gguf-split --merge {gguf_path.name} merged.gguf")
 
 
 def derive_config(config: Any, metadata: dict[str, Any]) -> list[str]:
@@ -105,25 +93,29 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: b
     Written only when it is the GGUF's model: config values transformers does not read are derived
     as llama.cpp derives them, and the import is compared with the GGUF in llama.cpp on a short
     token sequence first. A GGUF with folded scales is marked as folded in config.json. Raises
-    InputError (not a readable GGUF, a split part, missing weights, an import that differs from
-    the GGUF), OutputExistsError (out_dir exists, unless force)."""
+    InputError (not a readable GGUF, a part of a split GGUF missing or not the first, missing
+    weights, an import that differs from the GGUF), OutputExistsError (out_dir exists, unless force).
+    gguf_path may be the first part of a split GGUF (NAME-00001-of-0000N.gguf): all its parts are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from seal_gguf.model.loading import quiet_transformers  # runners imports this module
 
     gguf_path = require_gguf(Path(gguf_path))
     check_output_path(Path(out_dir), force, folder=True)  # before the minutes of loading, not after
-    metadata = read_metadata(gguf_path)
-    check_not_split(gguf_path, metadata)
-    folder, name = str(gguf_path.parent), gguf_path.name
+    metadata = read_metadata(gguf_path)  # a split GGUF's metadata is in its first part
     try:
-        with nullcontext() if progress else quiet_transformers():  # transformers' own bars
-            tokenizer = gguf_tokenizer(gguf_path)
+        # transformers reads one file: a split GGUF's parts merged (llama.cpp, below, loads the parts)
+        with single_gguf(gguf_path, Path(out_dir).parent, progress) as source, \
+                nullcontext() if progress else quiet_transformers():  # transformers' own bars
+            folder, name = str(source.parent), source.name
+            tokenizer = gguf_tokenizer(source)
             config = AutoConfig.from_pretrained(folder, gguf_file=name)
             derive_config(config, metadata)
             # with output_loading_info, transformers returns (model, info); its stubs do not say so
             loaded, info = cast(Any, AutoModelForCausalLM.from_pretrained)(
                 folder, gguf_file=name, config=config, dtype=IMPORT_DTYPES[dtype], output_loading_info=True)
+    except SealError:
+        raise
     except Exception as exc:  # transformers' GGUF reader raises bare struct/index errors on corrupt files
         text = first_line(exc)
         if "ignore_mismatched_sizes" in str(exc):

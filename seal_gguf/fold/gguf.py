@@ -13,6 +13,8 @@ length and type:
 - K-quants, IQ4_NL, IQ4_XS, IQ3_S: requantized from the dequantized values by llama.cpp's own
   quantizer (ggml_quantize_chunk, as llama-quantize runs it without an importance matrix): lossy;
 - the IQ types that llama.cpp quantizes only with an importance matrix are refused.
+A split GGUF (given by its first part) is folded part by part into the same parts, the seal.* keys
+in the first; --split-max-size re-splits the folded model (seal_gguf.convert.split).
 """
 
 from __future__ import annotations
@@ -21,17 +23,16 @@ import ctypes
 import hashlib
 import os
 import struct
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import numpy as np
 from gguf import (
     GGML_QUANT_SIZES,
     GGMLQuantizationType,
-    GGUFValueType,
     Keys,
     LlamaFileType,
 )
@@ -40,16 +41,23 @@ from tqdm import tqdm
 
 from seal_gguf import __version__
 from seal_gguf.constants import F16_MAX, GGUF_RECIPE_KEYS, GGUF_SEAL_PREFIX, GGUFKeys, ScalesMeta
+from seal_gguf.convert.split import (
+    GGUFPart,
+    atomic_outputs,
+    copy_range,
+    part_paths,
+    plan_split,
+    read_gguf_parts,
+    split_gguf,
+)
 from seal_gguf.errors import AlreadyFoldedError, ArchitectureError, EngineError, InputError, ScalesError
-from seal_gguf.fileio import atomic_file, check_output_path, require_gguf
-from seal_gguf.gguffile.header import FIXED_HEADER, GGUFHeader, read_gguf_header
+from seal_gguf.fileio import check_output_path, require_gguf
+from seal_gguf.gguffile.header import FIXED_HEADER, GGUFHeader, kv_pair
 from seal_gguf.model.architectures import ModelLayout, arch_specs
 from seal_gguf.model.checkpoint import check_base_fingerprint
 from seal_gguf.scales import SealScales, check_against, read_scales
 
-# The one seal.* key of this route (it belongs beside the others in constants.GGUFKeys): the sha256
-# of the GGUF the scales were folded into, which says that fold-gguf made the file, and from what.
-COPY_BLOCK = 16 << 20
+
 def _ggml_types(*names: str) -> frozenset[GGMLQuantizationType]:
     return frozenset(GGMLQuantizationType[name] for name in names)
 
@@ -67,6 +75,7 @@ NEEDS_IMATRIX = _ggml_types("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "I
 class Target:
     """One blk.N.attn_output.weight tensor of the input."""
 
+    part: int  # which file of the input holds it (0 unless the input is split)
     layer: int
     name: str
     qtype: GGMLQuantizationType
@@ -78,11 +87,12 @@ class Target:
 
 @dataclass(frozen=True)
 class FoldGGUFResult:
-    out_path: Path
+    out_path: Path  # the GGUF, or the first of its parts
     layers: int
     types: tuple[str, ...]  # the attn_output tensors' types, e.g. ("Q4_1",)
     requantized: tuple[str, ...]  # those requantized by llama.cpp's quantizer (lossy)
     max_abs_weight: float
+    parts: tuple[Path, ...]  # every file written, out_path first
     warnings: tuple[str, ...] = ()
 
 
@@ -123,8 +133,6 @@ def gguf_layout(header: GGUFHeader, path: Path, model_type: str) -> ModelLayout:
     if not candidates:
         known = sorted({a for spec in arch_specs().values() for a in spec.gguf_architectures})
         raise ArchitectureError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(known)}")
-    if (_count(header, Keys.Split.LLM_KV_SPLIT_COUNT, path) or 1) > 1:
-        raise InputError(f"{path}: one part of a split GGUF; merge the parts first (llama-gguf-split --merge)")
     model = model_type if model_type in candidates else candidates[0]
     spec = arch_specs()[model].gguf  # the GGUF-side names, from architectures.json
 
@@ -145,16 +153,19 @@ def gguf_layout(header: GGUFHeader, path: Path, model_type: str) -> ModelLayout:
     return ModelLayout(model, layers, heads, head_dim, template, spec.architectures, spec.o_proj)
 
 
-def attn_output_targets(header: GGUFHeader, layout: ModelLayout, path: Path) -> list[Target]:
-    """Every layer's attn_output tensor, checked to fit the layout and to be of a type fold-gguf can write."""
-    file_type = header.kv.get(Keys.General.FILE_TYPE)
+def attn_output_targets(parts: list[GGUFPart], layout: ModelLayout, path: Path) -> list[Target]:
+    """Every layer's attn_output tensor (in whichever part of the input holds it), checked to fit the
+    layout and to be of a type fold-gguf can write."""
+    file_type = parts[0].header.kv.get(Keys.General.FILE_TYPE)
     q2_k_s = file_type is not None and file_type.value == LlamaFileType.MOSTLY_Q2_K_S
+    where = {name: index for index, part in enumerate(parts) for name in part.header.tensors}
     targets = []
     for layer in range(layout.num_layers):
         name = layout.o_proj_weight(layer)
-        info = header.tensors.get(name)
-        if info is None:
+        part = where.get(name)
+        if part is None:
             raise InputError(f"{path}: has no tensor {name} (block_count is {layout.num_layers})")
+        info = parts[part].header.tensors[name]
         if len(info.dims) != 2 or info.dims[0] != layout.attn_width:
             raise InputError(f"{path}: {name} has shape {list(info.dims)}, expected [{layout.attn_width}, *]: "
                              f"{layout.num_heads} heads x {layout.head_dim} (from the GGUF's metadata)")
@@ -175,8 +186,8 @@ def attn_output_targets(header: GGUFHeader, layout: ModelLayout, path: Path) -> 
         if info.dims[0] % block:
             raise InputError(f"{path}: {name} has rows of {info.dims[0]}, not whole {qtype.name} blocks of {block}")
         n_bytes = info.dims[0] // block * type_size * info.dims[1]
-        targets.append(Target(layer, name, qtype, info.dims[1], info.dims[0], header.data_offset + info.offset,
-                              n_bytes))
+        targets.append(Target(part, layer, name, qtype, info.dims[1], info.dims[0],
+                              parts[part].header.data_offset + info.offset, n_bytes))
     return targets
 
 
@@ -231,16 +242,6 @@ def fold_tensor(raw: bytes, target: Target, columns: np.ndarray) -> tuple[bytes,
 
 # -- writing the output --
 
-def kv_pair(key: str, value: str | int) -> bytes:
-    """One GGUF KV pair: a string, or an int stored as uint32 (as the converter patch writes seal.*)."""
-    name = key.encode("utf-8")
-    out = struct.pack("<Q", len(name)) + name
-    if isinstance(value, str):
-        data = value.encode("utf-8")
-        return out + struct.pack("<IQ", GGUFValueType.STRING, len(data)) + data
-    return out + struct.pack("<II", GGUFValueType.UINT32, value)
-
-
 def seal_pairs(scales: SealScales, layout: ModelLayout, source_sha256: str) -> list[bytes]:
     """The seal.* keys of the converter patch (the training recipe included), with the same meaning,
     and the source GGUF's sha256."""
@@ -269,68 +270,69 @@ def output_header(header: GGUFHeader, raw: bytes, seal: list[bytes]) -> bytes:
     return out + bytes(-len(out) % header.alignment)
 
 
-def _copy(src: BinaryIO, dst: BinaryIO, length: int, digest: Any, bar: tqdm) -> None:
-    while length > 0:
-        block = src.read(min(length, COPY_BLOCK))
-        if not block:
-            raise InputError(f"{src.name}: ends before its last tensor; the file is truncated")
-        digest.update(block)
-        dst.write(block)
-        length -= len(block)
-        bar.update(len(block))
-
-
-def write_folded(path: Path, raw_header: bytes, out: Path, targets: list[Target],
+def write_folded(parts: list[GGUFPart], outs: list[Path], targets: list[Target],
                  fold: Callable[[bytes, Target], bytes], header: Callable[[str], bytes], progress: bool) -> None:
-    """Stream path's data section into out behind the new header, each target's bytes replaced by
-    fold(raw, target). header(sha256) is written first with a placeholder, and again at the end
-    with the sha256 of the whole input, hashed on the way."""
-    digest = hashlib.sha256(raw_header)
+    """Stream each part's data section into its out behind its header, each target's bytes replaced by
+    fold(raw, target). The first out gets header(sha256), written first with a placeholder and again
+    at the end with the sha256 of the whole input (its parts in order), hashed on the way; the other
+    parts keep their headers."""
+    digest = hashlib.sha256()
     placeholder = header("0" * digest.digest_size * 2)
-    size = path.stat().st_size
-    with open(path, "rb") as src, open(out, "wb") as dst, \
-            tqdm(total=size - len(raw_header), unit="B", unit_scale=True, desc="fold-gguf",
-                 disable=not progress) as bar:
-        dst.write(placeholder)
-        src.seek(len(raw_header))
-        for target in sorted(targets, key=lambda t: t.start):
-            if target.start < src.tell():
-                raise InputError(f"{path}: {target.name} overlaps another tensor; the file is corrupt")
-            _copy(src, dst, target.start - src.tell(), digest, bar)
-            data = src.read(target.n_bytes)
-            if len(data) != target.n_bytes:
-                raise InputError(f"{path}: ends inside {target.name}; the file is truncated")
-            digest.update(data)
-            dst.write(fold(data, target))
-            bar.update(len(data))
-        _copy(src, dst, size - src.tell(), digest, bar)
-        final = header(digest.hexdigest())
-        if len(final) != len(placeholder):  # cannot happen: the sha256 has a fixed width
-            raise RuntimeError("the header changed length")
-        dst.seek(0)
+    total = sum(part.path.stat().st_size - len(part.raw) for part in parts)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="fold-gguf", disable=not progress) as bar:
+        for index, (part, out) in enumerate(zip(parts, outs, strict=True)):
+            digest.update(part.raw)
+            size = part.path.stat().st_size
+            with open(part.path, "rb") as src, open(out, "wb") as dst:
+                dst.write(placeholder if index == 0 else part.raw)
+                src.seek(len(part.raw))
+                for target in sorted((t for t in targets if t.part == index), key=lambda t: t.start):
+                    if target.start < src.tell():
+                        raise InputError(f"{part.path}: {target.name} overlaps another tensor; the file is corrupt")
+                    copy_range(src, dst, target.start - src.tell(), bar, digest)
+                    data = src.read(target.n_bytes)
+                    if len(data) != target.n_bytes:
+                        raise InputError(f"{part.path}: ends inside {target.name}; the file is truncated")
+                    digest.update(data)
+                    dst.write(fold(data, target))
+                    bar.update(len(data))
+                copy_range(src, dst, size - src.tell(), bar, digest)
+    final = header(digest.hexdigest())
+    if len(final) != len(placeholder):  # cannot happen: the sha256 has a fixed width
+        raise RuntimeError("the header changed length")
+    with open(outs[0], "r+b") as dst:
         dst.write(final)
 
 
 def fold_gguf(in_path: Path, scales_path: Path, out_path: Path, force: bool = False,
-              progress: bool = True) -> FoldGGUFResult:
+              progress: bool = True, split_max_size: int | None = None) -> FoldGGUFResult:
     """Write a copy of the GGUF in_path to out_path (atomically) with the scales folded into attn_output.
 
     Every blk.N.attn_output.weight (ne0 = heads·head_dim input columns, HF order) has column j
     multiplied by the scale of column j; f32/f16/bf16 exactly, legacy quants requantized by gguf-py,
     K / IQ types by llama.cpp's quantizer (lossy; see the module docstring). The seal.* keys record
-    the scales and the source GGUF's sha256. Raises InputError (not a GGUF, split part, truncated),
-    ArchitectureError (an architecture or layout seal-gguf cannot fold), ScalesError (scales that do
-    not fit, or from another checkpoint on an F32 GGUF unless force), AlreadyFoldedError (the GGUF
-    already carries scales, unless force), OutputExistsError, EngineError (llama.cpp's quantizer)."""
+    the scales and the source GGUF's sha256 (of its parts in order, for a split GGUF).
+    in_path may be the first part of a split GGUF (NAME-00001-of-0000N.gguf): the output has the same
+    parts, named after out_path (OUT-00001-of-0000N.gguf ...). split_max_size (bytes) writes the output
+    as parts of at most that much tensor data instead (seal_gguf.convert.split). Raises InputError
+    (not a GGUF, a split GGUF's part missing or not the first, truncated), ArchitectureError (an
+    architecture or layout seal-gguf cannot fold), ScalesError (scales that do not fit, or from another
+    checkpoint on an F32 GGUF unless force), AlreadyFoldedError (the GGUF already carries scales,
+    unless force), OutputExistsError, EngineError (llama.cpp's quantizer)."""
     in_path, scales_path, out_path = Path(in_path), Path(scales_path), Path(out_path)
-    header, raw_header = read_gguf_header(require_gguf(in_path))
+    parts = read_gguf_parts(require_gguf(in_path))
+    header, raw_header = parts[0].header, parts[0].raw
     check_not_folded_gguf(header, in_path, force)
     scales = read_scales(scales_path)
-    check_output_path(out_path, force, inputs=[in_path, scales_path])
+    plan = None if split_max_size is None else plan_split(parts, split_max_size)  # folding keeps every size
+    outs = part_paths(out_path, len(parts) if plan is None else len(plan.groups))
+    for out in outs:
+        check_output_path(out, force, inputs=[*(part.path for part in parts), scales_path])
     layout = gguf_layout(header, in_path, scales.model_type)
     check_against(scales, layout, str(scales_path))
-    targets = attn_output_targets(header, layout, in_path)
-    warning = check_gguf_fingerprint(in_path, targets[0], scales, scales_path, force)
+    targets = attn_output_targets(parts, layout, in_path)
+    warnings = [w for w in [check_gguf_fingerprint(parts[targets[0].part].path, targets[0], scales, scales_path,
+                                                   force)] if w]
 
     peak = 0.0
 
@@ -343,11 +345,18 @@ def fold_gguf(in_path: Path, scales_path: Path, out_path: Path, force: bool = Fa
     def new_header(sha256: str) -> bytes:
         return output_header(header, raw_header, seal_pairs(scales, layout, sha256))
 
-    with atomic_file(out_path, force=force) as tmp:
-        write_folded(in_path, raw_header, tmp, targets, fold, new_header, progress)
+    if split_max_size is None or plan is None:
+        with atomic_outputs(outs, force=force) as tmps:
+            write_folded(parts, tmps, targets, fold, new_header, progress)
+    else:  # folded into the input's parts in a temporary folder, then split from there
+        with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as folder:
+            folded = part_paths(Path(folder) / out_path.name, len(parts))
+            write_folded(parts, folded, targets, fold, new_header, progress)
+            outs = list(split_gguf(folded[0], out_path, split_max_size, force=force, progress=progress).paths)
+        warnings += plan.warnings
     types = sorted({t.qtype for t in targets})
-    return FoldGGUFResult(out_path, layout.num_layers, tuple(t.name for t in types),
-                          tuple(t.name for t in types if t in LLAMA_CPP_TYPES), peak, (warning,) if warning else ())
+    return FoldGGUFResult(outs[0], layout.num_layers, tuple(t.name for t in types),
+                          tuple(t.name for t in types if t in LLAMA_CPP_TYPES), peak, tuple(outs), tuple(warnings))
 
 
 def check_gguf_fingerprint(path: Path, target: Target, scales: SealScales, scales_path: Path,

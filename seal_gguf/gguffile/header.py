@@ -1,4 +1,5 @@
-"""The GGUF header, read with struct: every KV pair and tensor info, with its byte range.
+"""The GGUF header, read with struct: every KV pair and tensor info, with its byte range; and the
+bytes of a KV pair or tensor info to write (fold-gguf, split parts).
 
 The one metadata reader of seal-gguf (inspect, card, Ollama, serve, RoPE checks, import, validate,
 fold-gguf). gguf-py's GGUFReader makes a numpy view of every vocabulary entry: 10-40 s for
@@ -163,6 +164,25 @@ def read_metadata(path: Path) -> dict[str, Any]:
     (long string arrays, such as the vocabulary, are left out: see string_array)."""
     header, _ = read_gguf_header(path)
     return {key: entry.value for key, entry in header.kv.items() if entry.value is not None}
+
+
+def kv_pair(key: str, value: str | int, vtype: GGUFValueType | None = None) -> bytes:
+    """One GGUF KV pair: a string, or an int stored as vtype (a scalar type; uint32 unless given, as
+    the converter patch writes seal.*)."""
+    name = key.encode("utf-8")
+    out = struct.pack("<Q", len(name)) + name
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+        return out + struct.pack("<IQ", GGUFValueType.STRING, len(data)) + data
+    vtype = GGUFValueType.UINT32 if vtype is None else vtype
+    return out + struct.pack("<I" + SCALAR_FORMATS[vtype], vtype, value)
+
+
+def tensor_info(name: str, info: Entry, offset: int) -> bytes:
+    """The tensor info of `info` (its shape and type) with its data at `offset` in the data section."""
+    data = name.encode("utf-8")
+    return (struct.pack("<Q", len(data)) + data + struct.pack(f"<I{len(info.dims)}Q", len(info.dims), *info.dims)
+            + struct.pack("<IQ", info.raw_type, offset))
 
 
 def string_array(raw: bytes, entry: Entry) -> list[str]:

@@ -1,0 +1,209 @@
+"""Split GGUFs: llama.cpp's parts written by split_gguf and --split-max-size, read by fold-gguf and import-gguf.
+
+Every split is checked the way it is used: llama.cpp loads the first part and gives the unsplit
+file's logits, bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, Keys
+from helpers import llama_cpp_logits, logits, random_scales
+
+import seal_gguf.convert.split as split_module
+from seal_gguf.cli.app import cli
+from seal_gguf.constants import GGUFKeys
+from seal_gguf.convert.from_gguf import import_gguf
+from seal_gguf.convert.split import parse_split_size, single_gguf, split_gguf
+from seal_gguf.convert.to_gguf import convert_to_gguf
+from seal_gguf.errors import InputError
+from seal_gguf.fold.gguf import fold_gguf
+from seal_gguf.gguffile.header import read_gguf_header
+
+IDS = [1, 200, 300, 400, 500]
+SPLIT_KEYS = (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model) -> Path:
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def base(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama as an f32 GGUF from llama.cpp's converter: a 50 MB token_embd, then 1 MB or less each."""
+    return convert_to_gguf(model, tmp_path_factory.mktemp("base") / "model.gguf", "f32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def parts(base: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return list(split_gguf(base, tmp_path_factory.mktemp("split") / "model.gguf", 2_000_000, progress=False).paths)
+
+
+@pytest.fixture(scope="module")
+def scales(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("scales") / "head.safetensors"
+    random_scales(path, model, "head")
+    return path
+
+
+def tensor_data(paths: list[Path]) -> dict[str, bytes]:
+    """Every tensor's bytes, over all parts, in order."""
+    out = {}
+    for path in paths:
+        header, _ = read_gguf_header(path)
+        data = path.read_bytes()
+        for name, info in header.tensors.items():
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(info.raw_type)]
+            start = header.data_offset + info.offset
+            out[name] = data[start:start + int(np.prod(info.dims)) // block * size]
+    return out
+
+
+def kv_bytes(path: Path) -> dict[str, bytes]:
+    header, raw = read_gguf_header(path)
+    return {key: raw[e.start:e.end] for key, e in header.kv.items()}
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def refused(args: list[object], match: str, folder: Path, inputs: list[Path]) -> None:
+    """One line on stderr, exit 1, nothing new in folder, the inputs unchanged."""
+    before = {p: p.read_bytes() for p in inputs}
+    listing = sorted(folder.iterdir())
+    result = invoke(*args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], \
+        result.output
+    assert sorted(folder.iterdir()) == listing
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+@pytest.mark.unit
+def test_sizes_as_llama_cpp_spells_them() -> None:
+    assert [parse_split_size(s) for s in ("4G", "500M", "100K", "123", "2g")] == [
+        4_000_000_000, 500_000_000, 100_000, 123, 2_000_000_000]
+    for bad in ("4GB", "1.5G", "-1", "0", "0G", "", "G"):
+        with pytest.raises(InputError, match="split size"):
+            parse_split_size(bad)
+    result = invoke("fold-gguf", "a.gguf", "s.safetensors", "-o", "o.gguf", "--split-max-size", "4GB")
+    assert result.exit_code == 2 and "expected a number of bytes, optionally followed by K, M or G" in result.output
+
+
+def test_parts_load_in_llama_cpp(base: Path, parts: list[Path]) -> None:
+    n = len(parts)
+    assert n > 2 and [p.name for p in parts] == [f"model-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
+    # the tensors, byte for byte and in order; all metadata in the first part, only split.* in the others
+    assert list(tensor_data(parts).items()) == list(tensor_data([base]).items())
+    assert {k: v for k, v in kv_bytes(parts[0]).items() if k not in SPLIT_KEYS} == kv_bytes(base)
+    assert all(set(kv_bytes(p)) == set(SPLIT_KEYS) for p in parts[1:])
+    last = GGUFReader(parts[-1])  # no vocabulary in this part: quick to read with gguf-py
+    assert {k: (f.types, f.contents()) for k, f in last.fields.items() if k.startswith("split.")} == {
+        Keys.Split.LLM_KV_SPLIT_NO: ([GGUFValueType.UINT16], n - 1),
+        Keys.Split.LLM_KV_SPLIT_COUNT: ([GGUFValueType.UINT16], n),
+        Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT: ([GGUFValueType.INT32], len(read_gguf_header(base)[0].tensors))}
+    assert np.array_equal(llama_cpp_logits(parts[0], IDS), llama_cpp_logits(base, IDS))
+    with single_gguf(parts[0], parts[0].parent, progress=False) as merged:  # what import-gguf reads
+        assert merged.read_bytes() == base.read_bytes()
+    assert sorted(parts[0].parent.iterdir()) == parts
+
+
+def test_tensors_larger_than_the_size_and_a_model_that_fits(base: Path, tmp_path: Path) -> None:
+    tiny = split_gguf(base, tmp_path / "tiny.gguf", 1, progress=False)  # one tensor per part
+    count = len(read_gguf_header(base)[0].tensors)
+    assert len(tiny.paths) == count and all(len(read_gguf_header(p)[0].tensors) == 1 for p in tiny.paths)
+    assert tiny.warnings == (f"{count} tensors are larger than the split size of 1 bytes, output.weight (50.3 MB), "
+                             "token_embd.weight (50.3 MB), blk.0.ffn_down.weight (524.3 KB) and "
+                             f"{count - 3} more: each gets a part of its own, larger than that size (as llama.cpp "
+                             "splits)",)
+    assert np.array_equal(llama_cpp_logits(tiny.paths[0], IDS), llama_cpp_logits(base, IDS))
+    whole = split_gguf(base, tmp_path / "whole.gguf", parse_split_size("4G"), progress=False)
+    assert whole.paths == (tmp_path / "whole.gguf",) and whole.paths[0].read_bytes() == base.read_bytes()
+    assert whole.warnings == ("the model fits in one part of 4.0 GB: written as one GGUF, not split",)
+
+
+def test_fold_gguf_reads_and_writes_parts(base: Path, parts: list[Path], scales: Path, tmp_path: Path) -> None:
+    single = fold_gguf(base, scales, tmp_path / "single.gguf", progress=False).out_path
+    result = invoke("fold-gguf", parts[0], scales, "-o", tmp_path / "folded.gguf", "-q")
+    assert result.exit_code == 0, result.output
+    n = len(parts)
+    folded = [tmp_path / f"folded-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
+    assert f"into {folded[0]} ({n} parts, " in result.output
+    # the same parts, each holding what the input's part held, folded as the unsplit GGUF is
+    assert [list(read_gguf_header(p)[0].tensors) for p in folded] == [list(read_gguf_header(p)[0].tensors)
+                                                                       for p in parts]
+    assert tensor_data(folded) == tensor_data([single])
+    seal = {k: v for k, v in read_gguf_header(folded[0])[0].kv.items() if k.startswith("seal.")}
+    assert seal[GGUFKeys.SOURCE_GGUF_SHA256].value == hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
+    assert seal.keys() == {k for k in read_gguf_header(single)[0].kv if k.startswith("seal.")}
+    assert np.array_equal(llama_cpp_logits(folded[0], IDS), llama_cpp_logits(single, IDS))
+    # --split-max-size: the unsplit GGUF folded into parts of its own size
+    result = invoke("fold-gguf", base, scales, "-o", tmp_path / "resplit.gguf", "--split-max-size", "1M", "-q")
+    assert result.exit_code == 0, result.output
+    resplit = sorted(tmp_path.glob("resplit-*.gguf"))
+    assert len(resplit) > n and tensor_data(resplit) == tensor_data([single])
+    assert np.array_equal(llama_cpp_logits(resplit[0], IDS), llama_cpp_logits(single, IDS))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_parts_refused(base: Path, parts: list[Path], scales: Path, tmp_path: Path) -> None:
+    n = len(parts)
+    out = tmp_path / "out.gguf"
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    for part in parts[:1] + parts[2:]:
+        shutil.copy(part, incomplete / part.name)
+    first = incomplete / parts[0].name
+    refused(["fold-gguf", first, scales, "-o", out], f"part 2 of {n} of this split GGUF, {parts[1].name}, is missing",
+            tmp_path, [first])
+    refused(["import-gguf", first, tmp_path / "imported"], "is missing", tmp_path, [first])
+    refused(["fold-gguf", parts[1], scales, "-o", out], f"part 2 of {n} of a split GGUF; give the first part, "
+            f"{parts[0].name}", tmp_path, parts)
+    # part 2 of another split of the same model, in place of the missing one
+    (tmp_path / "other").mkdir()
+    other = split_gguf(base, tmp_path / "other" / "model.gguf", 1, progress=False)
+    shutil.copy(other.paths[1], incomplete / parts[1].name)
+    refused(["fold-gguf", first, scales, "-o", out], f"says it is part 2 of {len(other.paths)}, expected part 2 of {n}: "
+            "the parts are from different splits", tmp_path, [first])
+    renamed = incomplete / "renamed.gguf"
+    shutil.copy(first, renamed)
+    refused(["fold-gguf", renamed, scales, "-o", out], f"but not named renamed-00001-of-{n:05d}.gguf", tmp_path,
+            [renamed])
+    # an existing part of the output: nothing written unless --force
+    (tmp_path / f"out-00002-of-{n:05d}.gguf").write_bytes(b"old")
+    refused(["fold-gguf", parts[0], scales, "-o", out], "already exists (use --force", tmp_path, parts)
+
+
+def test_interrupt_leaves_no_part(base: Path, scales: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    copied = []
+    real_copy = split_module.copy_range
+
+    def interrupted(*args, **kwargs) -> None:  # Ctrl-C after some parts are complete
+        copied.append(1)
+        if len(copied) == 10:
+            raise KeyboardInterrupt
+        real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(split_module, "copy_range", interrupted)
+    for run in (lambda: split_gguf(base, tmp_path / "s.gguf", 1, progress=False),
+                lambda: fold_gguf(base, scales, tmp_path / "f.gguf", progress=False, split_max_size=1)):
+        copied.clear()
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_import_gguf_reads_every_part(model: Path, parts: list[Path], tmp_path: Path) -> None:
+    out = import_gguf(parts[0], tmp_path / "imported", progress=False)
+    ids = torch.tensor([IDS])
+    assert torch.allclose(logits(out, ids), logits(model, ids), atol=1e-4, rtol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["imported"]  # the merged copy is gone
