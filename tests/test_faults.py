@@ -402,16 +402,17 @@ def gguf_with(path: Path, name: str, values: np.ndarray, qtype: str, sealed: boo
 def test_written_gguf_checked_for_non_finite(tmp_path: Path, qtype: str) -> None:
     """The check every written GGUF gets before it is kept: inf in an attn_output of any type (a Q8_0
     block scale beyond float16 included) is refused; the same tensor finite passes."""
-    from seal_gguf.convert.quantize import check_written_gguf
+    from seal_gguf.convert.quantize import QuantPlan, check_written_gguf, parse_tensor_types
 
     values = np.full((4, 32), 0.5, dtype=np.float32)
     ok = gguf_with(tmp_path / "ok.gguf", "blk.0.attn_output.weight", values, qtype)
-    check_written_gguf(ok, qtype.lower(), folded=True, warn=pytest.fail)
+    asked = QuantPlan("q8_0", tensor_types=parse_tensor_types(attn_output_type=qtype))
+    check_written_gguf(ok, asked, folded=True, warn=pytest.fail)
     huge = values.copy()
     huge[1, 3] = 1e9 if qtype == "Q8_0" else np.inf  # Q8_0: its block scale 1e9 / 127 overflows float16
     bad = gguf_with(tmp_path / "bad.gguf", "blk.0.attn_output.weight", huge, qtype)
     with pytest.raises(ScalesError, match="holds [0-9]+ non-finite weights"):
-        check_written_gguf(bad, qtype.lower(), folded=True)
+        check_written_gguf(bad, asked, folded=True)
 
 
 @pytest.mark.unit
@@ -422,9 +423,9 @@ def test_written_gguf_without_seal_keys_refused_when_folded(tmp_path: Path) -> N
 
     plain = gguf_with(tmp_path / "plain.gguf", "blk.0.attn_output.weight", np.full((4, 32), 0.5, np.float32),
                       "F16", sealed=False)
-    check_written_gguf(plain, "f16", folded=False, warn=pytest.fail)
+    check_written_gguf(plain, None, folded=False, warn=pytest.fail)
     with pytest.raises(EngineError, match="patch folded nothing"):
-        check_written_gguf(plain, "f16", folded=True)
+        check_written_gguf(plain, None, folded=True)
 
 
 @pytest.mark.engine

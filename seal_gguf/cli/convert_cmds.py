@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+from tqdm import tqdm
 
 from seal_gguf.constants import ScalesMeta
-from seal_gguf.convert.quantize import quantize
-from seal_gguf.convert.to_gguf import LLAMA_CPP_ENV, convert_to_gguf
+from seal_gguf.convert.quantize import TENSOR_TYPES, TensorTypes, parse_tensor_types, quantize
+from seal_gguf.convert.to_gguf import LLAMA_CPP_ENV, convert_to_ggufs, output_paths, split_outtypes
+from seal_gguf.errors import InputError
 from seal_gguf.model.rope import extension_mismatch, rope_for_model
 from seal_gguf.scales import read_scales
 
@@ -20,30 +22,88 @@ from .app import PATH, cli, fold_force_option, force_option, handle_errors, quie
 from .ship_cmds import check_modelfile, modelfile_after_conversion, ollama_flag
 
 outtype_option = click.option(
-    "--outtype", default="f16", show_default=True, metavar="TYPE",
+    "--outtype", default="f16", show_default=True, metavar="TYPE[,TYPE...]",
     help="f32, f16, bf16, q8_0 (written by the converter) or a llama-quantize type: q4_k_m, q5_k_m, q6_k, "
-         "iq4_xs, q4_0, ...")
+         "iq4_xs, q4_0, ... Several, comma-separated, convert once and quantize each type from the same "
+         "lossless intermediate; -o is then a folder (files MODEL[-seal]-TYPE.gguf) or a name with {type}. "
+         "Each file gets its name only once complete: after Ctrl-C the same command again keeps the finished "
+         "ones (same type and scales) and makes the rest; --force makes them all again.")
 imatrix_option = click.option("--imatrix", type=PATH, help="Importance matrix for the quantizer (llama-imatrix).")
-attn_output_option = click.option(
-    "--attn-output-type", metavar="TYPE",
-    help="Type of the attn_output tensors, where the folded heads live (e.g. q8_0, q6_k, f16).")
+TENSOR_TYPE_OPTIONS = (
+    click.option("--attn-output-type", metavar="TYPE",
+                 help="Type of the attn_output tensors, where the folded heads live (e.g. q8_0, q6_k, f16); "
+                      "the same as --tensor-type 'attn_output\\.weight$=TYPE' before the others."),
+    click.option("--tensor-type", "tensor_type", multiple=True, metavar="PATTERN=TYPE",
+                 help="As llama-quantize's: tensors whose GGUF name PATTERN (a regular expression, e.g. "
+                      "'blk\\.[0-3]\\.ffn_down' or attn_v) matches get TYPE; repeatable, the first match wins. "
+                      f"Types: {', '.join(TENSOR_TYPES)}."),
+    click.option("--output-tensor-type", metavar="TYPE",
+                 help="Type of output.weight (with tied embeddings: of token_embd, unless "
+                      "--token-embedding-type says otherwise)."),
+    click.option("--token-embedding-type", metavar="TYPE", help="Type of token_embd.weight."),
+    click.option("--pure", is_flag=True,
+                 help="No k-quant mixture: every tensor in the type's base type (q4_k_m: q4_k), except those "
+                      "named by the options above."),
+)
+
+
+def tensor_type_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """llama-quantize's per-tensor options, given to the command as one `tensor_types` (TensorTypes);
+    apply below handle_errors, which reports a bad pattern or type."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, attn_output_type: str | None, tensor_type: tuple[str, ...],
+                output_tensor_type: str | None, token_embedding_type: str | None, pure: bool, **kwargs: Any) -> Any:
+        types = parse_tensor_types(tensor_type, attn_output_type=attn_output_type, pure=pure,
+                                   output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type)
+        return func(*args, tensor_types=types, **kwargs)
+
+    for option in reversed(TENSOR_TYPE_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
 llama_cpp_option = click.option(
     "--llama-cpp", type=PATH, envvar=LLAMA_CPP_ENV, show_envvar=True,
     help="Use this llama.cpp checkout's converter instead of the pinned one (for offline machines).")
 verbose_option = click.option("-v", "--verbose", is_flag=True, help="Show the converter's and quantizer's full log.")
-output_option = click.option("-o", "--output", "out_path", type=PATH, required=True, help="The GGUF file to write.")
+output_option = click.option(
+    "-o", "--output", "out_path", type=PATH, required=True,
+    help="The GGUF file to write; with several types, a folder or a file name with {type} in it.")
 
 
 def conversion_options(func: Callable[..., Any], force: Callable[..., Any] = force_option) -> Callable[..., Any]:
-    for option in reversed((output_option, outtype_option, imatrix_option, attn_output_option, llama_cpp_option,
+    for option in reversed((output_option, outtype_option, imatrix_option, llama_cpp_option,
                             rope_options, verbose_option, force, quiet_option)):
         func = option(func)
     return func
 
 
-def report(out_path: Path, outtype: str, started: float) -> None:
+def report(out_path: Path, outtype: str, started: float, written: bool = True) -> None:
     size = out_path.stat().st_size / 1e6
-    click.echo(f"Wrote {out_path} ({outtype.lower()}, {size:.1f} MB) in {time.monotonic() - started:.1f} s")
+    if written:
+        tqdm.write(f"Wrote {out_path} ({outtype.lower()}, {size:.1f} MB) in {time.monotonic() - started:.1f} s")
+    else:
+        tqdm.write(f"Kept {out_path} ({outtype.lower()}, {size:.1f} MB): finished by an earlier run")
+
+
+def write_ggufs(model_dir: Path, out: Path, outtype: str, scales: Path | None, started: float,
+                **options: Any) -> dict[str, Path]:
+    """convert_to_ggufs with -o's pattern, a line per output; after Ctrl-C in a set, how to resume."""
+    outputs = output_paths(split_outtypes(outtype), out, model_dir, folded=scales is not None)
+    finished: list[str] = []
+
+    def said(name: str, path: Path, written: bool) -> None:
+        finished.append(name)
+        report(path, name, started, written)
+
+    try:
+        convert_to_ggufs(model_dir, outputs, scales, report=said, **options)
+    except KeyboardInterrupt:
+        if len(outputs) > 1:
+            click.echo(f"{len(finished)} of {len(outputs)} types finished; the same command again makes the rest.",
+                       err=True)
+        raise
+    return outputs
 
 
 @cli.command("fold-and-convert")
@@ -52,8 +112,9 @@ def report(out_path: Path, outtype: str, started: float) -> None:
 @functools.partial(conversion_options, force=fold_force_option)
 @ollama_flag
 @handle_errors
+@tensor_type_options
 def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str, imatrix: Path | None,
-                     attn_output_type: str | None, llama_cpp: Path | None, rope_scaling: str | None,
+                     tensor_types: TensorTypes, llama_cpp: Path | None, rope_scaling: str | None,
                      rope_factor: float | None, rope_original_context: int | None, verbose: bool, force: bool,
                      quiet: bool, ollama: bool) -> None:
     """Fold SEAL scales into a model while llama.cpp's converter turns it into a GGUF.
@@ -66,6 +127,9 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
     Examples:
       seal-gguf fold-and-convert smol/ scales.safetensors -o smol-seal.gguf --outtype q8_0
       seal-gguf fold-and-convert smol/ scales.safetensors -o smol-q4.gguf --outtype q4_k_m --attn-output-type q8_0
+      seal-gguf fold-and-convert smol/ scales.safetensors -o ggufs/ --outtype q4_k_m,q5_k_m,q8_0,iq4_xs --imatrix im.gguf
+      seal-gguf fold-and-convert smol/ scales.safetensors -o smol-seal-{type}.gguf --outtype q4_k_m,q6_k \\
+          --tensor-type 'blk\\.(0|1)\\.ffn_down=q8_0' --token-embedding-type q8_0
       seal-gguf fold-and-convert smol/ scales-yarn.safetensors -o smol-16k.gguf --rope-scaling yarn --rope-factor 2
       seal-gguf fold-and-convert smol/ scales.safetensors -o smol-seal.gguf --outtype q8_0 --ollama
     """
@@ -74,11 +138,12 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
     mismatch = extension_mismatch(read_scales(scales).metadata.get(ScalesMeta.ROPE_SCALING), rope)
     if mismatch is not None:
         click.echo(f"warning: {mismatch}", err=True)
+    if ollama and "," in outtype:
+        raise InputError("--ollama takes one --outtype: run the command once per type Ollama gets")
     if ollama:
         check_modelfile(out_path, force)
-    convert_to_gguf(model_dir, out_path, outtype, scales, imatrix=imatrix, attn_output_type=attn_output_type,
-            llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=not quiet)
-    report(out_path, outtype, started)
+    write_ggufs(model_dir, out_path, outtype, scales, started, imatrix=imatrix, tensor_types=tensor_types,
+                llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=not quiet)
     if ollama:
         modelfile_after_conversion(out_path, scales, force)
 
@@ -87,7 +152,8 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
 @click.argument("model_dir", type=PATH)
 @conversion_options
 @handle_errors
-def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | None, attn_output_type: str | None,
+@tensor_type_options
+def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | None, tensor_types: TensorTypes,
                 llama_cpp: Path | None, rope_scaling: str | None, rope_factor: float | None,
                 rope_original_context: int | None, verbose: bool, force: bool, quiet: bool) -> None:
     """Convert a model to GGUF without scales: the baseline, through the same converter.
@@ -97,13 +163,13 @@ def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | N
     \b
     Examples:
       seal-gguf convert smol/ -o smol-base-q4.gguf --outtype q4_k_m
+      seal-gguf convert smol/ -o smol-base-{type}.gguf --outtype f16,q8_0,q4_k_m
       seal-gguf convert smol/ -o smol-ntk2.gguf --rope-scaling ntk --rope-factor 2
     """
     started = time.monotonic()
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
-    convert_to_gguf(model_dir, out_path, outtype, imatrix=imatrix, attn_output_type=attn_output_type,
-            llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=not quiet)
-    report(out_path, outtype, started)
+    write_ggufs(model_dir, out_path, outtype, None, started, imatrix=imatrix, tensor_types=tensor_types,
+                llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=not quiet)
 
 
 @cli.command("quantize")
@@ -111,12 +177,12 @@ def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | N
 @click.argument("out_path", type=PATH)
 @click.argument("qtype")
 @imatrix_option
-@attn_output_option
 @verbose_option
 @force_option
 @quiet_option
 @handle_errors
-def quantize_cmd(in_path: Path, out_path: Path, qtype: str, imatrix: Path | None, attn_output_type: str | None,
+@tensor_type_options
+def quantize_cmd(in_path: Path, out_path: Path, qtype: str, imatrix: Path | None, tensor_types: TensorTypes,
                  verbose: bool, force: bool, quiet: bool) -> None:
     """Quantize an f32 / f16 / bf16 GGUF with llama.cpp's quantizer (seal.* keys are kept).
 
@@ -125,6 +191,6 @@ def quantize_cmd(in_path: Path, out_path: Path, qtype: str, imatrix: Path | None
       seal-gguf quantize smol-seal-f32.gguf smol-seal-q4_k_m.gguf q4_k_m --imatrix imatrix.gguf
     """
     started = time.monotonic()
-    quantize(in_path, out_path, qtype, imatrix=imatrix, attn_output_type=attn_output_type, force=force,
+    quantize(in_path, out_path, qtype, imatrix=imatrix, tensor_types=tensor_types, force=force,
              progress=not quiet, verbose=verbose)
     report(out_path, qtype, started)

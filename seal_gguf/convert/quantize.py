@@ -13,7 +13,7 @@ import re
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,38 +40,124 @@ QUANT_TYPES: dict[str, str] = {
 }
 # Types whose main tensors llama.cpp only quantizes with an importance matrix.
 NEEDS_IMATRIX = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "q2_k_s"})
-# Types attn_output can be given (the folded heads live there); ggml type names.
-ATTN_OUTPUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0",
-                     "iq4_xs", "iq4_nl", "q3_k", "q2_k")
+# Types a tensor can be given (--tensor-type, --attn-output-type, --output-tensor-type,
+# --token-embedding-type); ggml type names, as llama-quantize takes them.
+TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0",
+                "iq4_xs", "iq4_nl", "q3_k", "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
+# Tensor types llama.cpp only writes with an importance matrix (llama-quant.cpp: tensor_requires_imatrix).
+TENSOR_TYPES_NEED_IMATRIX = frozenset({"iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s"})
+# The ggml type of a llama-quantize type's tensors where no mixture rule picks another
+# (llama-quant.cpp: llama_ftype_get_default_type); the others are their own.
+DEFAULT_TENSOR_TYPE = {"q2_k_s": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k", "q4_k_s": "q4_k",
+                       "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k", "iq2_s": "iq2_xs", "iq2_m": "iq2_s",
+                       "iq3_xs": "iq3_s", "iq3_m": "iq3_s"}
+FLOAT_TYPES = ("f32", "f16", "bf16")
 ATTN_OUTPUT_PATTERN = r"attn_output\.weight$"
+TOKEN_EMBD_NAMES = ("token_embd.weight", "per_layer_token_embd.weight")  # llama-quant.cpp: tensor_name_match_token_embd
+OUTPUT_NAME = "output.weight"
+# Regex syntax Python's re takes but llama.cpp's std::regex (ECMAScript) does not: (?P<name>...), (?<=...),
+# (?<!...), inline flags (?i) and comments (?#...); ECMAScript's own groups are (?:...), (?=...), (?!...).
+NOT_ECMASCRIPT = re.compile(r"\(\?(?![:=!])")
 
 # "[  12/ 201]   blk.0.attn_q.weight - ..." : one line per tensor in the quantizer's log
 QUANTIZER_STEP = re.compile(r"^\[\s*(?P<done>\d+)/\s*(?P<total>\d+)\]")
 
 
 @dataclass(frozen=True)
+class TensorTypes:
+    """The types llama.cpp's quantizer is asked to give chosen tensors, as llama-quantize's options say
+    (its llama_model_quantize_params): `overrides` are (regex, ggml type) pairs in order, and the first
+    pattern found in a tensor's name gives its type (--tensor-type; --attn-output-type is the pattern
+    ATTN_OUTPUT_PATTERN, put first); `pure` quantizes every tensor to the type's default ggml type
+    instead of its mixture. Built and checked by parse_tensor_types."""
+
+    overrides: tuple[tuple[str, str], ...] = ()
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    pure: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.overrides or self.output_tensor_type or self.token_embedding_type or self.pure)
+
+    def asked(self, name: str, qtype: str, tied: bool) -> str | None:
+        """The ggml type asked for the 2-D or 3-D tensor `name` of a `qtype` quantization, in
+        llama-quant.cpp's order (llama_tensor_get_type); None: left to llama.cpp's mixture. `tied`: the
+        model has no output.weight, so llama.cpp gives token_embd the output tensor's type."""
+        patterns = [ggml_type for pattern, ggml_type in self.overrides if re.search(pattern, name)]
+        if self.token_embedding_type and name in TOKEN_EMBD_NAMES and not (name != TOKEN_EMBD_NAMES[0] and patterns):
+            return self.token_embedding_type
+        if self.output_tensor_type and name == OUTPUT_NAME:
+            return self.output_tensor_type
+        if patterns:
+            return patterns[0]
+        if self.pure:
+            return DEFAULT_TENSOR_TYPE.get(qtype, qtype)
+        if self.output_tensor_type and tied and name in TOKEN_EMBD_NAMES:
+            return self.output_tensor_type
+        return None
+
+
+def _tensor_type(value: str, option: str) -> str:
+    name = value.strip().lower()
+    if name not in TENSOR_TYPES:
+        raise InputError(f"{option}: unknown tensor type {value.strip()!r}; choose one of {', '.join(TENSOR_TYPES)}")
+    return name
+
+
+def parse_tensor_types(tensor_type: Sequence[str] = (), *, attn_output_type: str | None = None,
+                       output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+                       pure: bool = False) -> TensorTypes:
+    """TensorTypes from llama-quantize's options: each --tensor-type is PATTERN=TYPE, PATTERN a regular
+    expression searched in the GGUF tensor names (lower-cased, as llama-quantize does; llama.cpp runs it
+    with std::regex, so Python-only syntax is refused), TYPE a ggml type of TENSOR_TYPES.
+    Raises InputError, naming the option, for a malformed pair, a bad pattern or an unknown type."""
+    overrides: list[tuple[str, str]] = []
+    if attn_output_type is not None:
+        overrides.append((ATTN_OUTPUT_PATTERN, _tensor_type(attn_output_type, "--attn-output-type")))
+    for given in tensor_type:
+        pattern, sep, type_name = given.rpartition("=")
+        if not sep or not pattern.strip() or not type_name.strip():
+            raise InputError(f"--tensor-type {given!r}: expected PATTERN=TYPE, e.g. attn_v=q8_0 or 'blk\\.[0-3]\\.ffn_down=q6_k'")
+        pattern = pattern.strip().lower()
+        if NOT_ECMASCRIPT.search(pattern):
+            raise InputError(f"--tensor-type {given!r}: llama.cpp's regular expressions (ECMAScript) have no "
+                             "(?P<..>), (?<..), (?i) or (?#..) groups")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InputError(f"--tensor-type {given!r}: not a regular expression ({exc})") from None
+        overrides.append((pattern, _tensor_type(type_name, f"--tensor-type {given!r}")))
+    return TensorTypes(
+        tuple(overrides),
+        None if output_tensor_type is None else _tensor_type(output_tensor_type, "--output-tensor-type"),
+        None if token_embedding_type is None else _tensor_type(token_embedding_type, "--token-embedding-type"),
+        pure)
+
+
+@dataclass(frozen=True)
 class QuantPlan:
     qtype: str
     imatrix: Path | None = None
-    attn_output_type: str | None = None
+    tensor_types: TensorTypes = TensorTypes()
 
 
-def check_quant_options(qtype: str, imatrix: Path | None, attn_output_type: str | None) -> QuantPlan:
-    """Validate a quantization request before any long work starts."""
+def check_quant_options(qtype: str, imatrix: Path | None, tensor_types: TensorTypes | None = None) -> QuantPlan:
+    """Validate a quantization request before any long work starts: the type, the importance matrix
+    (read; required by the types and tensor types that llama.cpp only makes with one)."""
     name = qtype.lower()
+    tensor_types = tensor_types or TensorTypes()
     if name not in QUANT_TYPES:
         raise InputError(f"unknown quantization type {qtype!r}; choose one of {', '.join(QUANT_TYPES)}")
     if name in NEEDS_IMATRIX and imatrix is None:
         raise InputError(f"{name} needs an importance matrix: pass --imatrix FILE (computed by llama-imatrix)")
+    needy = next((t for _, t in tensor_types.overrides if t in TENSOR_TYPES_NEED_IMATRIX), None)
+    if needy is not None and imatrix is None:
+        raise InputError(f"tensor type {needy} needs an importance matrix: pass --imatrix FILE "
+                         "(computed by llama-imatrix)")
     if imatrix is not None:
         imatrix = Path(imatrix).resolve()
         read_imatrix(imatrix)
-    if attn_output_type is not None:
-        attn_output_type = attn_output_type.lower()
-        if attn_output_type not in ATTN_OUTPUT_TYPES:
-            raise InputError(f"unknown --attn-output-type {attn_output_type!r}; choose one of "
-                             f"{', '.join(ATTN_OUTPUT_TYPES)}")
-    return QuantPlan(name, imatrix, attn_output_type)
+    return QuantPlan(name, imatrix, tensor_types)
 
 
 def read_imatrix(path: Path) -> dict[str, np.ndarray]:
@@ -193,8 +279,11 @@ def run_engine(cmd: list[str], *, desc: str, unit: str, step: re.Pattern[str], p
 def run_quantizer(in_path: Path, out_path: Path, plan: QuantPlan, *, progress: bool = True,
                   verbose: bool = False) -> None:
     """Quantize in_path into out_path (which the caller owns and cleans up)."""
+    types = plan.tensor_types
     spec = {"in": str(in_path), "out": str(out_path), "qtype": plan.qtype,
-            "imatrix": str(plan.imatrix) if plan.imatrix else None, "attn_output_type": plan.attn_output_type}
+            "imatrix": str(plan.imatrix) if plan.imatrix else None, "overrides": types.overrides,
+            "output_tensor_type": types.output_tensor_type, "token_embedding_type": types.token_embedding_type,
+            "pure": types.pure}
     cmd = [sys.executable, "-m", "seal_gguf.convert.quantize", json.dumps(spec)]
     rc, log = run_engine(cmd, desc=f"quantize {plan.qtype}", unit="tensor", step=QUANTIZER_STEP,
                          progress=progress, verbose=verbose)
@@ -251,13 +340,13 @@ def _non_finite(data: np.ndarray, qtype: Any) -> int:
         return int(np.count_nonzero(~np.isfinite(dequantize(data, qtype))))
 
 
-def check_written_gguf(path: Path, expected_attn_output: str | None = None, folded: bool = False,
+def check_written_gguf(path: Path, plan: QuantPlan | None = None, folded: bool = False,
                        warn: Callable[[str], None] | None = None) -> None:
     """Check a GGUF just written, before it is kept: no inf or NaN in any float tensor or in any
     attn_output tensor (the folded heads: dequantized whatever their type; a quantized block's fp16
-    scale can overflow too), and each attn_output stored as `expected_attn_output` (a ggml type name,
-    e.g. "q4_k") where one was asked for: llama.cpp silently falls back to another type for rows that
-    are not whole blocks of it, which `warn` is told. A folded GGUF must carry the scales' seal.* keys."""
+    scale can overflow too), and each tensor stored in the type `plan` asked for it (TensorTypes.asked):
+    llama.cpp silently falls back to another type for rows that are not whole blocks of it, which
+    `warn` is told, one line per asked and stored type. A folded GGUF must carry the scales' seal.* keys."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
     try:
@@ -268,21 +357,23 @@ def check_written_gguf(path: Path, expected_attn_output: str | None = None, fold
         raise EngineError(f"{path}: llama.cpp's converter wrote no {GGUFKeys.SCALES_SHA256}, so its --seal-scales "
                           "patch folded nothing in this model's GGUF; report it with the model's config.json")
     floats = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-    fallbacks: dict[str, list[str]] = {}
+    tied = not any(t.name == OUTPUT_NAME for t in reader.tensors)
+    fallbacks: dict[tuple[str, str], list[Any]] = {}  # (asked, stored) -> tensors
     for tensor in reader.tensors:
         attn_output = re.search(ATTN_OUTPUT_PATTERN, tensor.name) is not None
         qtype = tensor.tensor_type
-        if attn_output and expected_attn_output and qtype.name.lower() != expected_attn_output.lower():
-            fallbacks.setdefault(qtype.name, []).append(tensor.name)
+        asked = plan.tensor_types.asked(tensor.name, plan.qtype, tied) if plan and len(tensor.shape) >= 2 else None
+        if asked and qtype.name.lower() != asked:
+            fallbacks.setdefault((asked, qtype.name), []).append(tensor)
         if qtype not in floats and not attn_output:
             continue
         bad = _non_finite(tensor.data, qtype)
         if bad:
             row = int(tensor.shape[0])
             why = ""
-            if expected_attn_output and qtype.name.lower() != expected_attn_output.lower():
-                block = GGML_QUANT_SIZES[GGMLQuantizationType[expected_attn_output.upper()]][0]
-                why = (f" (llama.cpp stored it as {qtype.name}, not {expected_attn_output.upper()}: rows of {row} "
+            if asked and qtype.name.lower() != asked:
+                block = GGML_QUANT_SIZES[GGMLQuantizationType[asked.upper()]][0]
+                why = (f" (llama.cpp stored it as {qtype.name}, not {asked.upper()}: rows of {row} "
                        f"are not whole blocks of {block})")
             what = f"{path.name}: {tensor.name} holds {bad} non-finite weights{why}"
             if folded and attn_output:
@@ -291,12 +382,14 @@ def check_written_gguf(path: Path, expected_attn_output: str | None = None, fold
             raise InputError(f"{what}; the model's own weights leave the range of {qtype.name}: use --outtype "
                              "bf16 or f32")
     if warn is not None:
-        for qtype_name, names in fallbacks.items():
-            row = next(int(t.shape[0]) for t in reader.tensors if t.name == names[0])
-            block = GGML_QUANT_SIZES[GGMLQuantizationType[expected_attn_output.upper()]][0]  # type: ignore[union-attr]
-            warn(f"llama.cpp stored {len(names)} attn_output tensor(s) ({names[0]}{', ...' if len(names) > 1 else ''}) "
-                 f"as {qtype_name}, not the {expected_attn_output.upper()} asked for: their rows of {row} are "  # type: ignore[union-attr]
-                 f"not whole {expected_attn_output.upper()} blocks of {block}")  # type: ignore[union-attr]
+        for (asked, stored), tensors in fallbacks.items():
+            names = f"{tensors[0].name}{', ...' if len(tensors) > 1 else ''}"
+            row = int(tensors[0].shape[0])
+            block = GGML_QUANT_SIZES[GGMLQuantizationType[asked.upper()]][0]
+            why = (f"their rows of {row} are not whole {asked.upper()} blocks of {block}" if row % block
+                   else "llama.cpp does not quantize them")
+            warn(f"llama.cpp stored {len(tensors)} tensor(s) ({names}) as {stored}, not the {asked.upper()} "
+                 f"asked for: {why}")
 
 
 # The GGUF types llama.cpp's quantizer takes as input (gguf-py's LlamaFileType names, lower case).
@@ -304,14 +397,17 @@ QUANTIZABLE_FROM = ("f32", "f16", "bf16")
 
 
 def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None = None,
-             attn_output_type: str | None = None, force: bool = False, progress: bool = True,
+             tensor_types: TensorTypes | None = None, force: bool = False, progress: bool = True,
              verbose: bool = False, warn: Callable[[str], None] | None = warn_on_stderr) -> Path:
     """Quantize a GGUF file (f32, f16 or bf16) with llama.cpp's quantizer; seal.* keys are kept.
 
-    The result is checked before it is kept (check_written_gguf): no non-finite weights, and `warn` is
-    told when llama.cpp gave attn_output another type than --attn-output-type."""
+    tensor_types: per-tensor types (parse_tensor_types). The result is checked before it is kept
+    (check_written_gguf): no non-finite weights, and `warn` is told where llama.cpp stored a tensor in
+    another type than asked."""
     in_path, out_path = Path(in_path), Path(out_path)
-    plan = check_quant_options(qtype, imatrix, attn_output_type)
+    plan = check_quant_options(qtype, imatrix, tensor_types)
+    if plan.tensor_types and plan.qtype in FLOAT_TYPES:
+        raise InputError(f"per-tensor types apply to quantized types, not {plan.qtype}")
     require_file(in_path, "GGUF file")
     with open(in_path, "rb") as f:
         if f.read(4) != b"GGUF":
@@ -326,7 +422,7 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
             run_quantizer(in_path.resolve(), tmp, plan, progress=progress, verbose=verbose)
         except EngineError as exc:  # the quantizer's reason rarely names the file it read
             raise EngineError(f"{in_path}: {exc}") from None
-        check_written_gguf(tmp, plan.attn_output_type, folded=_has_seal_keys(in_path), warn=warn)
+        check_written_gguf(tmp, plan, folded=_has_seal_keys(in_path), warn=warn)
     return out_path
 
 
@@ -334,6 +430,13 @@ def _has_seal_keys(path: Path) -> bool:
     from seal_gguf.constants import GGUFKeys
 
     return GGUFKeys.SCALES_SHA256 in read_metadata(path)
+
+
+def _ggml_type(name: str) -> int:
+    """A ggml type name's enum value (gguf-py mirrors ggml's enum; llama-cpp-python lacks some, e.g. BF16)."""
+    from gguf import GGMLQuantizationType
+
+    return int(GGMLQuantizationType[name.upper()])
 
 
 def _quantize_here(spec: dict[str, Any]) -> int:
@@ -354,11 +457,19 @@ def _quantize_here(spec: dict[str, Any]) -> int:
             table[i].data = arrays[i].ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             table[i].size = arrays[i].size
         params.imatrix = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    if spec["attn_output_type"]:
-        overrides = (llama_cpp.llama_model_tensor_override * 2)()  # ends with a null pattern
-        overrides[0].pattern = ATTN_OUTPUT_PATTERN.encode()
-        overrides[0].type = getattr(llama_cpp, f"GGML_TYPE_{spec['attn_output_type'].upper()}")
+    if spec["overrides"]:
+        given = spec["overrides"]
+        overrides = (llama_cpp.llama_model_tensor_override * (len(given) + 1))()  # ends with a null pattern
+        for i, (pattern, type_name) in enumerate(given):
+            overrides[i].pattern = pattern.encode()  # the array holds on to the bytes
+            overrides[i].type = _ggml_type(type_name)
+        overrides[len(given)].type = llama_cpp.GGML_TYPE_COUNT
         params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    if spec["output_tensor_type"]:
+        params.output_tensor_type = _ggml_type(spec["output_tensor_type"])
+    if spec["token_embedding_type"]:
+        params.token_embedding_type = _ggml_type(spec["token_embedding_type"])
+    params.pure = bool(spec["pure"])
     return int(llama_cpp.llama_model_quantize(spec["in"].encode(), spec["out"].encode(), ctypes.byref(params)))
 
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -31,8 +31,11 @@ from tqdm import tqdm
 
 from seal_gguf.constants import F16_MAX, ScalesMeta
 from seal_gguf.convert.quantize import (
+    ATTN_OUTPUT_PATTERN,
+    FLOAT_TYPES,
     QUANT_TYPES,
     QuantPlan,
+    TensorTypes,
     check_quant_options,
     check_written_gguf,
     engine_failure,
@@ -40,8 +43,8 @@ from seal_gguf.convert.quantize import (
     run_quantizer,
     warn_on_stderr,
 )
-from seal_gguf.errors import EngineError, InputError, ScalesError
-from seal_gguf.fileio import atomic_file, check_output_path, no_room_error
+from seal_gguf.errors import EngineError, InputError, ScalesError, SealError
+from seal_gguf.fileio import atomic_file, check_output_path, no_room_error, sha256_file
 from seal_gguf.fold.hf import max_folded_abs
 from seal_gguf.model.architectures import ModelLayout, layout_from_config, read_config, supported_model_types
 from seal_gguf.model.checkpoint import (
@@ -72,19 +75,61 @@ SAFETENSORS_TO_OUTTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 
 # -- what to produce --
 
-def output_plan(outtype: str, imatrix: Path | None, attn_output_type: str | None) -> tuple[str, QuantPlan | None]:
+TYPE_FIELD = "{type}"  # in -o: replaced by each type's name
+
+
+def split_outtypes(outtype: str) -> list[str]:
+    """--outtype's comma-separated types, lower-cased, in order. Raises InputError for an empty or repeated entry."""
+    names = [part.strip().lower() for part in outtype.split(",")]
+    if not all(names):
+        raise InputError(f"--outtype {outtype!r}: an empty type in the list")
+    repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if repeated:
+        raise InputError(f"--outtype {outtype!r}: {repeated} is given twice")
+    return names
+
+
+def output_paths(outtypes: Sequence[str], out: Path, model_dir: Path, folded: bool) -> dict[str, Path]:
+    """Where each type goes. `out` with {type} replaced by the type's name; else, for one type, `out`
+    itself; for several, an existing folder that gets {stem}-{type}.gguf, stem the model folder's name
+    (and -seal where scales are folded). Raises InputError where several types would share one file."""
+    out = Path(out)
+    if TYPE_FIELD in str(out):
+        return {name: Path(str(out).replace(TYPE_FIELD, name)) for name in outtypes}
+    if len(outtypes) == 1:
+        return {outtypes[0]: out}
+    if not out.is_dir():
+        raise InputError(f"{out}: with several --outtype types, -o is an existing folder or a file name with "
+                         f"{TYPE_FIELD} in it (e.g. model-seal-{TYPE_FIELD}.gguf)")
+    stem = Path(model_dir).resolve().name + ("-seal" if folded else "")
+    return {name: out / f"{stem}-{name}.gguf" for name in outtypes}
+
+
+def output_plan(outtype: str, imatrix: Path | None,
+                tensor_types: TensorTypes | None = None) -> tuple[str, QuantPlan | None]:
     """The outtype's name, and the quantization to run after the converter (None: the converter writes it)."""
     name = outtype.lower()
     if name not in CONVERTER_TYPES and name not in QUANT_TYPES:
         raise InputError(f"unsupported outtype {outtype!r}; choose one of {', '.join(CONVERTER_TYPES)} "
                          f"(written by the converter) or a llama-quantize type: "
                          f"{', '.join(t for t in QUANT_TYPES if t not in CONVERTER_TYPES)}")
-    wants_quantizer = imatrix is not None or attn_output_type is not None
-    if name in ("f32", "f16", "bf16") and wants_quantizer:
-        raise InputError(f"--imatrix and --attn-output-type apply to quantized types, not {name}")
+    wants_quantizer = imatrix is not None or bool(tensor_types)
+    if name in FLOAT_TYPES and wants_quantizer:
+        raise InputError(f"--imatrix and per-tensor types (--attn-output-type, --tensor-type, ...) apply to "
+                         f"quantized types, not {name}")
     if name in CONVERTER_TYPES and not wants_quantizer:
         return name, None
-    return name, check_quant_options(name, imatrix, attn_output_type)
+    return name, check_quant_options(name, imatrix, tensor_types)
+
+
+def output_plans(outtypes: Sequence[str], imatrix: Path | None,
+                 tensor_types: TensorTypes | None = None) -> dict[str, QuantPlan | None]:
+    """output_plan of each type, all checked before any work. In a set of several, the importance matrix
+    and per-tensor types go to its quantized types; its float types are written without them."""
+    if len(outtypes) == 1 or all(name.lower() in FLOAT_TYPES for name in outtypes):
+        return dict(output_plan(name, imatrix, tensor_types) for name in outtypes)
+    return dict(output_plan(name, None, None) if name.lower() in FLOAT_TYPES else output_plan(name, imatrix, tensor_types)
+                for name in outtypes)
 
 
 def lossless_outtype(headers: list[ShardHeader]) -> str:
@@ -310,35 +355,44 @@ def intermediate_file(out_path: Path, outtype: str) -> Iterator[Path]:
 CONVERTER_BLOCK = {"q8_0": 32}
 
 
-def stored_attn_output_type(converter_type: str, plan: QuantPlan | None, layout: ModelLayout) -> str | None:
-    """The type the attn_output tensors end up stored in, where it can be known before converting:
-    the converter's outtype, or F16 where it falls back; --attn-output-type (the quantizer's own
-    fallbacks are found in the written file by check_written_gguf); None: chosen by the quantizer."""
-    if plan is not None:
-        return plan.attn_output_type
-    block = CONVERTER_BLOCK.get(converter_type)
-    return "f16" if block and layout.attn_width % block else converter_type
+def stored_attn_output_types(converter_type: str, plan: QuantPlan | None, layout: ModelLayout) -> set[str | None]:
+    """The types the attn_output tensors end up stored in, where they can be known before converting:
+    the converter's outtype, or F16 where it falls back; the float type the quantizer writes; the type
+    asked for them (TensorTypes.asked: the quantizer's own fallbacks are found in the written file by
+    check_written_gguf); None: chosen by the quantizer."""
+    if plan is None:
+        block = CONVERTER_BLOCK.get(converter_type)
+        return {"f16" if block and layout.attn_width % block else converter_type}
+    if plan.qtype in FLOAT_TYPES:
+        return {plan.qtype}
+    return {plan.tensor_types.asked(f"blk.{i}.attn_output.weight", plan.qtype, tied=False)
+            for i in range(layout.num_layers)}
 
 
-def check_f16_range(model_dir: Path, headers: list[ShardHeader], layout: ModelLayout, scales: SealScales,
-                    converter_type: str, plan: QuantPlan | None) -> None:
-    """Refuse folds whose o_proj weights would leave float16's range where float16 stores them: the
-    converter's f16 (or its F16 fallback for rows that are not whole blocks), an f16 intermediate
-    before quantizing, or --attn-output-type f16."""
-    stored = stored_attn_output_type(converter_type, plan, layout)
-    where: str | None = None  # what stores the weights in float16, if anything
-    if stored == "f16":
-        if plan is not None:
-            where = "--attn-output-type f16"
-        elif converter_type == "f16":
-            where = "--outtype f16"
-        else:
-            where = (f"the converter's F16 fallback for attn_output (its rows of {layout.attn_width} are not "
-                     f"whole {converter_type.upper()} blocks of {CONVERTER_BLOCK[converter_type]})")
-    elif plan is not None and converter_type == "f16":
-        where = "the float16 intermediate this float16 checkpoint is quantized from"
-    if where is None:
+def f16_storage(converter_type: str, plan: QuantPlan | None, layout: ModelLayout) -> str | None:
+    """What stores the folded o_proj weights in float16 on this route (converter_type, then plan), said
+    for the user; None: nothing does."""
+    if "f16" in stored_attn_output_types(converter_type, plan, layout):
+        if (plan.qtype if plan else converter_type) == "f16":
+            return "--outtype f16"
+        if plan is None:
+            return (f"the converter's F16 fallback for attn_output (its rows of {layout.attn_width} are not "
+                    f"whole {converter_type.upper()} blocks of {CONVERTER_BLOCK[converter_type]})")
+        return "the f16 asked for attn_output (--attn-output-type or --tensor-type)"
+    if plan is not None and converter_type == "f16":
+        return "the float16 intermediate this float16 checkpoint is quantized from"
+    return None
+
+
+def check_f16_range(model_dir: Path, layout: ModelLayout, scales: SealScales, converter_type: str,
+                    plans: Sequence[QuantPlan | None]) -> None:
+    """Refuse folds whose o_proj weights would leave float16's range where float16 stores them on any
+    route of the run (f16_storage): the converter's f16 (or its F16 fallback for rows that are not whole
+    blocks), an f16 intermediate before quantizing, f16 from the quantizer or asked for attn_output."""
+    found = next(((plan, where) for plan in plans if (where := f16_storage(converter_type, plan, layout))), None)
+    if found is None:
         return
+    plan, where = found
     peak = max_folded_abs(model_dir, layout, scales)
     if peak > F16_MAX:
         raise ScalesError(f"folded o_proj weights reach |w| = {peak:.6g}, beyond float16's range "
@@ -347,26 +401,89 @@ def check_f16_range(model_dir: Path, headers: list[ShardHeader], layout: ModelLa
                           + (", or --attn-output-type bf16 or f32" if plan is None and converter_type != "f16" else ""))
 
 
+def converter_plan(converter_type: str) -> QuantPlan | None:
+    """What the converter is asked for, as check_written_gguf reads it: the attn_output tensors (the
+    folded heads) in its block type, where it has one."""
+    if converter_type not in CONVERTER_BLOCK:
+        return None
+    return QuantPlan(converter_type, tensor_types=TensorTypes(((ATTN_OUTPUT_PATTERN, converter_type),)))
+
+
+def finished_output(path: Path, outtype: str, scales_sha256: str | None) -> bool:
+    """Whether `path`, already there, is this run's `outtype` GGUF from an earlier run: outputs are renamed
+    into place only once written and checked, so an existing file is complete; its general.file_type and
+    seal.scales_sha256 (None: no scales) must say it is that type from these scales."""
+    from seal_gguf.constants import GGUFKeys
+    from seal_gguf.gguffile.header import read_metadata
+    from seal_gguf.gguffile.metadata import file_type_name
+
+    if not path.is_file():
+        return False
+    try:
+        found = read_metadata(path)
+    except SealError:
+        return False
+    file_type = found.get("general.file_type")
+    return (file_type_name(file_type if isinstance(file_type, int) else None) == outtype
+            and found.get(GGUFKeys.SCALES_SHA256) == scales_sha256)
+
+
 def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", scales: Path | None = None, *,
-            imatrix: Path | None = None, attn_output_type: str | None = None, llama_cpp: Path | None = None,
-            rope: RopeScaling | None = None, force: bool = False, verbose: bool = False,
-            progress: bool = True, warn: Callable[[str], None] | None = warn_on_stderr) -> Path:
+                    imatrix: Path | None = None, tensor_types: TensorTypes | None = None,
+                    llama_cpp: Path | None = None, rope: RopeScaling | None = None, force: bool = False,
+                    verbose: bool = False, progress: bool = True,
+                    warn: Callable[[str], None] | None = warn_on_stderr) -> Path:
     """Convert an HF model folder to GGUF; with scales, fold them into o_proj during conversion.
 
     scales=None is the plain baseline through the same converter. rope extends the context: the
     converter reads the extended config.json (seal_gguf.model.rope) and writes the matching GGUF keys,
-    checked here before the file is kept. The written GGUF is checked for non-finite weights before it
-    is kept, and `warn` is told when llama.cpp stores attn_output in another type than asked for, or
-    when the scales were learned on another checkpoint and --force folds them anyway.
+    checked here before the file is kept. tensor_types: per-tensor types for the quantizer
+    (seal_gguf.convert.quantize.parse_tensor_types). The written GGUF is checked for non-finite weights
+    before it is kept, and `warn` is told where llama.cpp stores a tensor in another type than asked for,
+    or when the scales were learned on another checkpoint and --force folds them anyway.
     """
-    model_dir, out_path = Path(model_dir), Path(out_path)
-    name, plan = output_plan(outtype, imatrix, attn_output_type)
+    return convert_to_ggufs(model_dir, {outtype: out_path}, scales, imatrix=imatrix, tensor_types=tensor_types,
+                            llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=progress,
+                            warn=warn)[0]
+
+
+def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path | None = None, *,
+                     imatrix: Path | None = None, tensor_types: TensorTypes | None = None,
+                     llama_cpp: Path | None = None, rope: RopeScaling | None = None, force: bool = False,
+                     verbose: bool = False, progress: bool = True,
+                     warn: Callable[[str], None] | None = warn_on_stderr,
+                     report: Callable[[str, Path, bool], None] | None = None) -> list[Path]:
+    """convert_to_gguf for several types at once: outputs maps each type to its file (output_paths).
+
+    One type the converter writes goes straight to its file, as convert_to_gguf does. Otherwise the
+    converter runs once, into a lossless intermediate GGUF (lossless_outtype) beside the outputs, and
+    llama.cpp's quantizer makes each type from it (the intermediate's own type is the intermediate,
+    renamed); `imatrix` and `tensor_types` apply to the quantized types. Every output is written under a
+    temporary name and renamed into place once checked, so an error or Ctrl-C leaves the finished ones
+    and no partial file. With several types and not `force`, an output already there from an earlier run
+    of the same type and scales (finished_output) is kept and skipped: running again resumes an
+    interrupted set; `force` makes every output again. Any other existing output is refused
+    (OutputExistsError) before any work. `report(type, path, written)` is told of each output as it is
+    finished (written=True) or kept (False). Returns the paths, in the order of `outputs`.
+    """
+    model_dir = Path(model_dir)
+    outputs = {name.lower(): Path(path) for name, path in outputs.items()}
+    if not outputs:
+        raise InputError("no output type given")
+    plans = output_plans(list(outputs), imatrix, tensor_types)
+    several = len(outputs) > 1
+    if len({os.path.abspath(p) for p in outputs.values()}) < len(outputs):
+        raise InputError(f"{', '.join(outputs)}: several types would write the same file; put {TYPE_FIELD} in -o")
     config = read_config(model_dir)
     if rope is not None:
         rope = rope.resolved(config, str(model_dir / "config.json"))
         extend_config(config, rope, str(model_dir / "config.json"))  # refused before any long work
     headers = read_headers(model_dir)
-    converter_type = name if plan is None else lossless_outtype(headers)
+    direct = not several and next(iter(plans.values())) is None  # the converter writes the one output
+    converter_type = next(iter(plans)) if direct else lossless_outtype(headers)
+    # each type's quantization; None: the converter's own file (the output, or the intermediate renamed)
+    routes = {name: plan if plan is not None or name == converter_type else QuantPlan(name)
+              for name, plan in plans.items()}
     if scales is not None:
         scales = Path(scales)
         layout = layout_from_config(config, model_dir / "config.json")
@@ -377,25 +494,51 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", scale
                                           read_tensor(entry, header.path), scales, model_dir, force)
         if mismatch and warn is not None:
             warn(mismatch)
-        check_f16_range(model_dir, headers, layout, sealed, converter_type, plan)
+        check_f16_range(model_dir, layout, sealed, converter_type, list(routes.values()))
     elif config.get("model_type") in supported_model_types():
         # weights that do not fit config.json would convert into a GGUF llama.cpp cannot load
         locate_o_proj(headers, layout_from_config(config, model_dir / "config.json"))
-    check_output_path(out_path, force, inputs=[scales, imatrix])  # before fetching the converter, which can take a while
-    root = converter_root(llama_cpp, need_seal=scales is not None, progress=progress)
-    with atomic_file(out_path, force=force) as tmp, extended_model_dir(model_dir, rope) as source:
-        if plan is None:
-            run_converter(root, source, tmp, converter_type, scales, progress=progress, verbose=verbose)
-            if rope is not None:
-                check_gguf_extension(tmp, config, rope)
-            expected = converter_type if converter_type in CONVERTER_BLOCK else None
-            check_written_gguf(tmp, expected, folded=scales is not None, warn=warn)
-        else:
-            with intermediate_file(out_path, converter_type) as mid:
-                run_converter(root, source, mid, converter_type, scales, progress=progress, verbose=verbose)
-                if rope is not None:
-                    check_gguf_extension(mid, config, rope)
-                check_written_gguf(mid, None, folded=scales is not None)
-                run_quantizer(mid, tmp, plan, progress=progress, verbose=verbose)
-            check_written_gguf(tmp, plan.attn_output_type, folded=scales is not None, warn=warn)
-    return out_path
+    sha256 = sha256_file(scales) if scales is not None and several and not force else None
+    kept = [name for name, path in outputs.items()
+            if several and not force and path.exists() and finished_output(path, name, sha256)]
+    todo = {name: path for name, path in outputs.items() if name not in kept}
+    for path in todo.values():  # before fetching the converter, which can take a while
+        check_output_path(path, force, inputs=[scales, imatrix])
+    for name in kept:
+        if report is not None:
+            report(name, outputs[name], False)
+    if todo:
+        root = converter_root(llama_cpp, need_seal=scales is not None, progress=progress)
+        with extended_model_dir(model_dir, rope) as source, \
+                tqdm(total=len(outputs), initial=len(kept), desc="GGUF types", unit="type",
+                     disable=not progress or not several) as bar:
+            def finished(name: str) -> None:
+                bar.update()
+                if report is not None:
+                    report(name, todo[name], True)
+
+            if direct:
+                name, out_path = next(iter(todo.items()))
+                with atomic_file(out_path, force=force) as tmp:
+                    run_converter(root, source, tmp, converter_type, scales, progress=progress, verbose=verbose)
+                    if rope is not None:
+                        check_gguf_extension(tmp, config, rope)
+                    check_written_gguf(tmp, converter_plan(converter_type), folded=scales is not None, warn=warn)
+                finished(name)
+            else:
+                order = sorted(todo, key=lambda n: routes[n] is None)  # the intermediate renamed last
+                with intermediate_file(todo[order[-1]], converter_type) as mid:
+                    run_converter(root, source, mid, converter_type, scales, progress=progress, verbose=verbose)
+                    if rope is not None:
+                        check_gguf_extension(mid, config, rope)
+                    check_written_gguf(mid, None, folded=scales is not None)
+                    for name in order:
+                        plan = routes[name]
+                        with atomic_file(todo[name], force=force) as tmp:
+                            if plan is None:
+                                os.replace(mid, tmp)
+                            else:
+                                run_quantizer(mid, tmp, plan, progress=progress, verbose=verbose)
+                                check_written_gguf(tmp, plan, folded=scales is not None, warn=warn)
+                        finished(name)
+    return list(outputs.values())
