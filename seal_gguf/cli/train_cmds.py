@@ -108,7 +108,7 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
     Examples:
       seal-gguf train smol/ -o scales.safetensors
       seal-gguf train smol/ -o scales-c.safetensors --granularity channel --length 2048 --device cuda
-      seal-gguf train smol/ -o scales.safetensors --task lines,kv --min-length 512 --anchor-weight 20
+      seal-gguf train smol/ -o scales.safetensors --task lines,kv --min-length 512 --anchor-weight 10
       seal-gguf train smol/ -o paper.safetensors --anchor-weight 0
       seal-gguf train smol/ -o scales-yarn.safetensors --granularity channel --rope-scaling yarn --rope-factor 2
       seal-gguf train llama-7b/ -o scales.safetensors --length 32768 --dtype bfloat16 --device cuda
