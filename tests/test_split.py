@@ -21,6 +21,7 @@ import seal_gguf.convert.split as split_module
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import GGUFKeys
 from seal_gguf.convert.from_gguf import import_gguf
+from seal_gguf.convert.quantize import quantize as quantize_gguf
 from seal_gguf.convert.split import parse_split_size, single_gguf, split_gguf
 from seal_gguf.convert.to_gguf import convert_to_gguf
 from seal_gguf.errors import InputError
@@ -207,3 +208,27 @@ def test_import_gguf_reads_every_part(model: Path, parts: list[Path], tmp_path: 
     ids = torch.tensor([IDS])
     assert torch.allclose(logits(out, ids), logits(model, ids), atol=1e-4, rtol=0)
     assert [p.name for p in tmp_path.iterdir()] == ["imported"]  # the merged copy is gone
+
+
+def test_convert_and_quantize_write_parts(model: Path, base: Path, tmp_path: Path) -> None:
+    """--split-max-size on convert (several types) and quantize: each output's parts load in llama.cpp with
+    the unsplit file's logits; parts left by an earlier run are refused before any work unless --force."""
+    out = tmp_path / "out"
+    out.mkdir()
+    result = invoke("convert", model, "-o", out / "m-{type}.gguf", "--outtype", "f16,q8_0", "--split-max-size", "2M",
+                    "-q")
+    assert result.exit_code == 0, result.output
+    for qtype in ("f16", "q8_0"):
+        first = sorted(out.glob(f"m-{qtype}-*-of-*.gguf"))[0]
+        assert first.name.startswith(f"m-{qtype}-00001-of-") and not (out / f"m-{qtype}.gguf").exists()
+        assert f"Wrote {first}" in result.output
+        whole = convert_to_gguf(model, tmp_path / f"whole-{qtype}.gguf", qtype, progress=False)
+        assert np.array_equal(llama_cpp_logits(first, IDS), llama_cpp_logits(whole, IDS))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    refused(["convert", model, "-o", out / "m-{type}.gguf", "--outtype", "f16,q8_0", "--split-max-size", "2M"],
+            "a part of an earlier split output", out, [])
+    (tmp_path / "q").mkdir()
+    quantized = quantize_gguf(base, tmp_path / "q" / "m.gguf", "q8_0", split_max_size=2_000_000, progress=False)
+    assert quantized.name == f"m-00001-of-{quantized.name[-10:-5]}.gguf"
+    unsplit = quantize_gguf(base, tmp_path / "m-q8_0.gguf", "q8_0", progress=False)
+    assert np.array_equal(llama_cpp_logits(quantized, IDS), llama_cpp_logits(unsplit, IDS))

@@ -18,7 +18,16 @@ from seal_gguf.errors import InputError
 from seal_gguf.model.rope import extension_mismatch, rope_for_model
 from seal_gguf.scales import read_scales
 
-from .app import PATH, cli, fold_force_option, force_option, handle_errors, quiet_option, rope_options
+from .app import (
+    PATH,
+    cli,
+    fold_force_option,
+    force_option,
+    handle_errors,
+    quiet_option,
+    rope_options,
+    split_size_option,
+)
 from .ship_cmds import check_modelfile, modelfile_after_conversion, ollama_flag
 
 outtype_option = click.option(
@@ -72,7 +81,7 @@ output_option = click.option(
 
 
 def conversion_options(func: Callable[..., Any], force: Callable[..., Any] = force_option) -> Callable[..., Any]:
-    for option in reversed((output_option, outtype_option, imatrix_option, llama_cpp_option,
+    for option in reversed((output_option, outtype_option, imatrix_option, split_size_option, llama_cpp_option,
                             rope_options, verbose_option, force, quiet_option)):
         func = option(func)
     return func
@@ -114,9 +123,9 @@ def write_ggufs(model_dir: Path, out: Path, outtype: str, scales: Path | None, s
 @handle_errors
 @tensor_type_options
 def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str, imatrix: Path | None,
-                     tensor_types: TensorTypes, llama_cpp: Path | None, rope_scaling: str | None,
-                     rope_factor: float | None, rope_original_context: int | None, verbose: bool, force: bool,
-                     quiet: bool, ollama: bool) -> None:
+                     tensor_types: TensorTypes, split_max_size: int | None, llama_cpp: Path | None,
+                     rope_scaling: str | None, rope_factor: float | None, rope_original_context: int | None,
+                     verbose: bool, force: bool, quiet: bool, ollama: bool) -> None:
     """Fold SEAL scales into a model while llama.cpp's converter turns it into a GGUF.
 
     The o_proj columns are scaled inside the converter in one pass (no folded copy on disk);
@@ -132,6 +141,7 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
           --tensor-type 'blk\\.(0|1)\\.ffn_down=q8_0' --token-embedding-type q8_0
       seal-gguf fold-and-convert smol/ scales-yarn.safetensors -o smol-16k.gguf --rope-scaling yarn --rope-factor 2
       seal-gguf fold-and-convert smol/ scales.safetensors -o smol-seal.gguf --outtype q8_0 --ollama
+      seal-gguf fold-and-convert big/ scales.safetensors -o big-seal-q4_k_m.gguf --outtype q4_k_m --split-max-size 4G
     """
     started = time.monotonic()
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
@@ -140,10 +150,13 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
         click.echo(f"warning: {mismatch}", err=True)
     if ollama and "," in outtype:
         raise InputError("--ollama takes one --outtype: run the command once per type Ollama gets")
+    if ollama and split_max_size is not None:
+        raise InputError("--ollama takes one GGUF file, not split parts: leave out --split-max-size")
     if ollama:
         check_modelfile(out_path, force)
     write_ggufs(model_dir, out_path, outtype, scales, started, imatrix=imatrix, tensor_types=tensor_types,
-                llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=not quiet)
+                split_max_size=split_max_size, llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose,
+                progress=not quiet)
     if ollama:
         modelfile_after_conversion(out_path, scales, force)
 
@@ -154,8 +167,9 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
 @handle_errors
 @tensor_type_options
 def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | None, tensor_types: TensorTypes,
-                llama_cpp: Path | None, rope_scaling: str | None, rope_factor: float | None,
-                rope_original_context: int | None, verbose: bool, force: bool, quiet: bool) -> None:
+                split_max_size: int | None, llama_cpp: Path | None, rope_scaling: str | None,
+                rope_factor: float | None, rope_original_context: int | None, verbose: bool, force: bool,
+                quiet: bool) -> None:
     """Convert a model to GGUF without scales: the baseline, through the same converter.
 
     With --rope-scaling the GGUF carries the context extension: llama.cpp runs it as is.
@@ -169,7 +183,8 @@ def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | N
     started = time.monotonic()
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
     write_ggufs(model_dir, out_path, outtype, None, started, imatrix=imatrix, tensor_types=tensor_types,
-                llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=not quiet)
+                split_max_size=split_max_size, llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose,
+                progress=not quiet)
 
 
 @cli.command("quantize")
@@ -177,20 +192,22 @@ def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | N
 @click.argument("out_path", type=PATH)
 @click.argument("qtype")
 @imatrix_option
+@split_size_option
 @verbose_option
 @force_option
 @quiet_option
 @handle_errors
 @tensor_type_options
 def quantize_cmd(in_path: Path, out_path: Path, qtype: str, imatrix: Path | None, tensor_types: TensorTypes,
-                 verbose: bool, force: bool, quiet: bool) -> None:
+                 split_max_size: int | None, verbose: bool, force: bool, quiet: bool) -> None:
     """Quantize an f32 / f16 / bf16 GGUF with llama.cpp's quantizer (seal.* keys are kept).
 
     \b
-    Example:
+    Examples:
       seal-gguf quantize smol-seal-f32.gguf smol-seal-q4_k_m.gguf q4_k_m --imatrix imatrix.gguf
+      seal-gguf quantize big-seal-f16.gguf big-seal-q4_k_m.gguf q4_k_m --split-max-size 4G
     """
     started = time.monotonic()
-    quantize(in_path, out_path, qtype, imatrix=imatrix, tensor_types=tensor_types, force=force,
-             progress=not quiet, verbose=verbose)
-    report(out_path, qtype, started)
+    written = quantize(in_path, out_path, qtype, imatrix=imatrix, tensor_types=tensor_types, force=force,
+                       progress=not quiet, verbose=verbose, split_max_size=split_max_size)
+    report(written, qtype, started)

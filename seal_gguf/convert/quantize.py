@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from seal_gguf.constants import GGUFKeys
 from seal_gguf.errors import EngineError, InputError, ScalesError
-from seal_gguf.fileio import atomic_file, check_output_path, no_room_error, require_file
+from seal_gguf.fileio import check_output_path, no_room_error, require_file
 from seal_gguf.gguffile.header import read_metadata
 from seal_gguf.gguffile.metadata import file_type_name
 
@@ -398,12 +398,14 @@ QUANTIZABLE_FROM = ("f32", "f16", "bf16")
 
 def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None = None,
              tensor_types: TensorTypes | None = None, force: bool = False, progress: bool = True,
-             verbose: bool = False, warn: Callable[[str], None] | None = warn_on_stderr) -> Path:
+             verbose: bool = False, warn: Callable[[str], None] | None = warn_on_stderr,
+             split_max_size: int | None = None) -> Path:
     """Quantize a GGUF file (f32, f16 or bf16) with llama.cpp's quantizer; seal.* keys are kept.
 
-    tensor_types: per-tensor types (parse_tensor_types). The result is checked before it is kept
+    tensor_types: per-tensor types (parse_tensor_types). split_max_size (bytes): write llama.cpp's split
+    parts of out_path's name (seal_gguf.convert.split). The result is checked before it is kept
     (check_written_gguf): no non-finite weights, and `warn` is told where llama.cpp stored a tensor in
-    another type than asked."""
+    another type than asked. Returns the file written (the first part of a split output)."""
     in_path, out_path = Path(in_path), Path(out_path)
     plan = check_quant_options(qtype, imatrix, tensor_types)
     if plan.tensor_types and plan.qtype in FLOAT_TYPES:
@@ -416,14 +418,16 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
     if file_type not in QUANTIZABLE_FROM + ("unknown",):
         raise InputError(f"{in_path}: a {file_type} GGUF; llama.cpp's quantizer starts from f32, f16 or bf16 "
                          "(requantizing loses quality): convert the model again with --outtype f16, bf16 or f32")
+    from seal_gguf.convert.split import gguf_output  # imports gguf
+
     check_output_path(out_path, force, inputs=[in_path, imatrix])
-    with atomic_file(out_path, force=force) as tmp:
+    with gguf_output(out_path, split_max_size, force=force, progress=progress, warn=warn) as out:
         try:
-            run_quantizer(in_path.resolve(), tmp, plan, progress=progress, verbose=verbose)
+            run_quantizer(in_path.resolve(), out.path, plan, progress=progress, verbose=verbose)
         except EngineError as exc:  # the quantizer's reason rarely names the file it read
             raise EngineError(f"{in_path}: {exc}") from None
-        check_written_gguf(tmp, plan, folded=_has_seal_keys(in_path), warn=warn)
-    return out_path
+        check_written_gguf(out.path, plan, folded=_has_seal_keys(in_path), warn=warn)
+    return out.written[0]
 
 
 def _has_seal_keys(path: Path) -> bool:

@@ -14,19 +14,20 @@ header reader (gguf-py's GGUFReader takes 10-40 s per file here on the vocabular
 
 from __future__ import annotations
 
+import glob
 import re
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from gguf import GGUF_DEFAULT_ALIGNMENT, SHARD_NAME_FORMAT, GGUFValueType, Keys
 from tqdm import tqdm
 
-from seal_gguf.errors import InputError
+from seal_gguf.errors import InputError, OutputExistsError
 from seal_gguf.fileio import atomic_file, check_output_path
 from seal_gguf.gguffile.header import (
     FIXED_HEADER,
@@ -268,3 +269,51 @@ def single_gguf(path: Path, folder: Path, progress: bool = True) -> Iterator[Pat
         write_parts(parts, (tuple(n for part in parts for n in part.header.tensors),), [merged], progress,
                     desc="merge parts")
         yield merged
+
+
+@dataclass
+class PendingGGUF:
+    """A GGUF being written: write it to `path`; once the block of gguf_output ends without error,
+    `written` holds the files it became (one GGUF, or its parts, first part first)."""
+
+    path: Path
+    written: tuple[Path, ...] = field(default=())
+
+
+def check_no_parts(out_path: Path, force: bool) -> None:
+    """Refuse, before any work, split parts of out_path's name left by an earlier run (their count is
+    known only once the GGUF is written). Raises OutputExistsError unless force."""
+    out_path = Path(out_path)
+    stem = out_path.name.removesuffix(".gguf")
+    found = sorted(p for p in out_path.parent.glob(f"{glob.escape(stem)}-*-of-*.gguf") if PART_NAME.search(p.name))
+    if found and not force:
+        raise OutputExistsError(f"{found[0]} exists (a part of an earlier split output); use --force to replace it")
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+@contextmanager
+def gguf_output(out_path: Path, split_max_size: int | None = None, *, force: bool = False, progress: bool = True,
+                warn: Callable[[str], None] | None = None) -> Iterator[PendingGGUF]:
+    """Where a GGUF is written before it is kept: a temporary file that becomes out_path (atomic_file), or
+    with split_max_size (bytes) a temporary file in a temporary folder beside out_path that is then
+    written as llama.cpp's parts of out_path's name (split_gguf; `warn` is told of its warnings). An
+    error or Ctrl-C leaves neither. Raises OutputExistsError (out_path or a part exists, unless force)."""
+    out_path = Path(out_path)
+    if split_max_size is None:
+        with atomic_file(out_path, force=force) as tmp:
+            pending = PendingGGUF(tmp)
+            yield pending
+        pending.written = (out_path,)
+        return
+    check_no_parts(out_path, force)
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent or ".") as folder:
+        pending = PendingGGUF(Path(folder) / out_path.name)
+        yield pending
+        result = split_gguf(pending.path, out_path, split_max_size, force=force, progress=progress)
+    pending.written = result.paths
+    if warn is not None:
+        for message in result.warnings:
+            warn(message)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -44,7 +45,7 @@ from seal_gguf.convert.quantize import (
     warn_on_stderr,
 )
 from seal_gguf.errors import EngineError, InputError, ScalesError, SealError
-from seal_gguf.fileio import atomic_file, check_output_path, no_room_error, sha256_file
+from seal_gguf.fileio import check_output_path, no_room_error, sha256_file
 from seal_gguf.fold.hf import max_folded_abs
 from seal_gguf.model.architectures import ModelLayout, layout_from_config, read_config, supported_model_types
 from seal_gguf.model.checkpoint import (
@@ -432,7 +433,7 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", scale
                     imatrix: Path | None = None, tensor_types: TensorTypes | None = None,
                     llama_cpp: Path | None = None, rope: RopeScaling | None = None, force: bool = False,
                     verbose: bool = False, progress: bool = True,
-                    warn: Callable[[str], None] | None = warn_on_stderr) -> Path:
+                    warn: Callable[[str], None] | None = warn_on_stderr, split_max_size: int | None = None) -> Path:
     """Convert an HF model folder to GGUF; with scales, fold them into o_proj during conversion.
 
     scales=None is the plain baseline through the same converter. rope extends the context: the
@@ -440,11 +441,13 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", scale
     checked here before the file is kept. tensor_types: per-tensor types for the quantizer
     (seal_gguf.convert.quantize.parse_tensor_types). The written GGUF is checked for non-finite weights
     before it is kept, and `warn` is told where llama.cpp stores a tensor in another type than asked for,
-    or when the scales were learned on another checkpoint and --force folds them anyway.
+    or when the scales were learned on another checkpoint and --force folds them anyway. split_max_size
+    (bytes) writes llama.cpp's split parts of out_path's name (seal_gguf.convert.split.gguf_output).
+    Returns the file written (the first part of a split output).
     """
     return convert_to_ggufs(model_dir, {outtype: out_path}, scales, imatrix=imatrix, tensor_types=tensor_types,
                             llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose, progress=progress,
-                            warn=warn)[0]
+                            warn=warn, split_max_size=split_max_size)[0]
 
 
 def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path | None = None, *,
@@ -452,7 +455,8 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
                      llama_cpp: Path | None = None, rope: RopeScaling | None = None, force: bool = False,
                      verbose: bool = False, progress: bool = True,
                      warn: Callable[[str], None] | None = warn_on_stderr,
-                     report: Callable[[str, Path, bool], None] | None = None) -> list[Path]:
+                     report: Callable[[str, Path, bool], None] | None = None,
+                     split_max_size: int | None = None) -> list[Path]:
     """convert_to_gguf for several types at once: outputs maps each type to its file (output_paths).
 
     One type the converter writes goes straight to its file, as convert_to_gguf does. Otherwise the
@@ -464,8 +468,13 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
     of the same type and scales (finished_output) is kept and skipped: running again resumes an
     interrupted set; `force` makes every output again. Any other existing output is refused
     (OutputExistsError) before any work. `report(type, path, written)` is told of each output as it is
-    finished (written=True) or kept (False). Returns the paths, in the order of `outputs`.
+    finished (written=True) or kept (False). split_max_size (bytes): each output is written as llama.cpp's
+    split parts of its name (gguf_output); split outputs are never kept from an earlier run, and parts
+    already there are refused before any work unless `force`. Returns the files written, in the order of
+    `outputs` (for a split output its first part).
     """
+    from seal_gguf.convert.split import check_no_parts, gguf_output  # imports gguf
+
     model_dir = Path(model_dir)
     outputs = {name.lower(): Path(path) for name, path in outputs.items()}
     if not outputs:
@@ -499,11 +508,14 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
         # weights that do not fit config.json would convert into a GGUF llama.cpp cannot load
         locate_o_proj(headers, layout_from_config(config, model_dir / "config.json"))
     sha256 = sha256_file(scales) if scales is not None and several and not force else None
-    kept = [name for name, path in outputs.items()
-            if several and not force and path.exists() and finished_output(path, name, sha256)]
+    kept = [name for name, path in outputs.items() if several and not force and split_max_size is None
+            and path.exists() and finished_output(path, name, sha256)]
     todo = {name: path for name, path in outputs.items() if name not in kept}
     for path in todo.values():  # before fetching the converter, which can take a while
         check_output_path(path, force, inputs=[scales, imatrix])
+        if split_max_size is not None:
+            check_no_parts(path, force)
+    written = dict(outputs)
     for name in kept:
         if report is not None:
             report(name, outputs[name], False)
@@ -512,19 +524,25 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
         with extended_model_dir(model_dir, rope) as source, \
                 tqdm(total=len(outputs), initial=len(kept), desc="GGUF types", unit="type",
                      disable=not progress or not several) as bar:
-            def finished(name: str) -> None:
+            def finished(name: str, files: tuple[Path, ...]) -> None:
+                written[name] = files[0]
                 bar.update()
                 if report is not None:
-                    report(name, todo[name], True)
+                    report(name, files[0], True)
+
+            def output(name: str) -> Any:
+                return gguf_output(todo[name], split_max_size, force=force, progress=progress, warn=warn)
 
             if direct:
-                name, out_path = next(iter(todo.items()))
-                with atomic_file(out_path, force=force) as tmp:
-                    run_converter(root, source, tmp, converter_type, scales, progress=progress, verbose=verbose)
+                name = next(iter(todo))
+                with output(name) as out:
+                    run_converter(root, source, out.path, converter_type, scales, progress=progress,
+                                  verbose=verbose)
                     if rope is not None:
-                        check_gguf_extension(tmp, config, rope)
-                    check_written_gguf(tmp, converter_plan(converter_type), folded=scales is not None, warn=warn)
-                finished(name)
+                        check_gguf_extension(out.path, config, rope)
+                    check_written_gguf(out.path, converter_plan(converter_type), folded=scales is not None,
+                                       warn=warn)
+                finished(name, out.written)
             else:
                 order = sorted(todo, key=lambda n: routes[n] is None)  # the intermediate renamed last
                 with intermediate_file(todo[order[-1]], converter_type) as mid:
@@ -534,11 +552,11 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
                     check_written_gguf(mid, None, folded=scales is not None)
                     for name in order:
                         plan = routes[name]
-                        with atomic_file(todo[name], force=force) as tmp:
+                        with output(name) as out:
                             if plan is None:
-                                os.replace(mid, tmp)
+                                os.replace(mid, out.path)
                             else:
-                                run_quantizer(mid, tmp, plan, progress=progress, verbose=verbose)
-                                check_written_gguf(tmp, plan, folded=scales is not None, warn=warn)
-                        finished(name)
-    return list(outputs.values())
+                                run_quantizer(mid, out.path, plan, progress=progress, verbose=verbose)
+                                check_written_gguf(out.path, plan, folded=scales is not None, warn=warn)
+                        finished(name, out.written)
+    return list(written.values())
