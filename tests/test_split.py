@@ -17,16 +17,16 @@ from click.testing import CliRunner
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, Keys
 from helpers import llama_cpp_logits, logits, random_scales
 
-import seal_gguf.convert.split as split_module
+import seal_gguf.gguffile.split as split_module
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import GGUFKeys
 from seal_gguf.convert.from_gguf import import_gguf
 from seal_gguf.convert.quantize import quantize as quantize_gguf
-from seal_gguf.convert.split import parse_split_size, single_gguf, split_gguf
 from seal_gguf.convert.to_gguf import convert_to_gguf
 from seal_gguf.errors import InputError
 from seal_gguf.fold.gguf import fold_gguf
 from seal_gguf.gguffile.header import read_gguf_header
+from seal_gguf.gguffile.split import parse_split_size, single_gguf, split_gguf
 
 IDS = [1, 200, 300, 400, 500]
 SPLIT_KEYS = (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)

@@ -78,12 +78,12 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 
 
 class SplitSize(click.ParamType):
-    """A size as llama.cpp's tools spell it (4G, 500M), in bytes: seal_gguf.convert.split.parse_split_size."""
+    """A size as llama.cpp's tools spell it (4G, 500M), in bytes: seal_gguf.gguffile.split.parse_split_size."""
 
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        from seal_gguf.convert.split import parse_split_size  # imports gguf: only when the option is given
+        from seal_gguf.gguffile.split import parse_split_size  # imports gguf: only when the option is given
 
         try:
             return value if isinstance(value, int) else parse_split_size(str(value))

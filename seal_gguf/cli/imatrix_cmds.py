@@ -8,7 +8,10 @@ import click
 
 from seal_gguf.convert.imatrix import DEFAULT_CHUNKS, DEFAULT_LENGTH, make_imatrix
 from seal_gguf.convert.quantize import warn_on_stderr
+from seal_gguf.fileio import check_output_path
+from seal_gguf.learn.anchor import anchor_documents
 from seal_gguf.model.loading import DEVICES, DTYPES
+from seal_gguf.texts import read_text_document
 
 from .app import PATH, cli, force_option, handle_errors, quiet_option
 
@@ -18,7 +21,7 @@ from .app import PATH, cli, force_option, handle_errors, quiet_option
 @click.argument("scales", type=PATH, required=False)
 @click.option("-o", "--output", type=PATH, required=True, help="The imatrix GGUF to write.")
 @click.option("--text", "texts", type=PATH, multiple=True,
-              help="UTF-8 calibration text instead of the built-in general text (repeatable).")
+              help="UTF-8 calibration text instead of the built-in anchor text (repeatable).")
 @click.option("--length", type=click.IntRange(min=16), default=None,
               help=f"Tokens per chunk [default: the scales' training length, else {DEFAULT_LENGTH}].")
 @click.option("--chunks", type=click.IntRange(min=1), default=None,
@@ -52,7 +55,9 @@ def imatrix_cmd(model_dir: Path, scales: Path | None, output: Path, texts: tuple
           --imatrix smol-seal.imatrix.gguf
       seal-gguf imatrix smol/ scales.safetensors -o im.gguf --text my-corpus.txt --length 4096 --chunks 64
     """
-    path, data = make_imatrix(model_dir, scales, output, texts=texts, length=length, chunks=chunks, tokens=tokens,
+    check_output_path(output, force, inputs=[scales, *texts])  # before reading the texts
+    documents = [read_text_document(text) for text in texts] if texts else anchor_documents()
+    path, data = make_imatrix(model_dir, scales, output, documents, length=length, chunks=chunks, tokens=tokens,
                               seed=seed, device=device, dtype=dtype, progress=not quiet, force=force,
                               warn=warn_on_stderr)
     click.echo(f"Wrote {path}: {len(data.sums)} weights, {data.chunk_count} chunks of up to {data.chunk_size} "

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from seal_gguf.constants import CONFIG_FOLD_KEY, GGUFKeys
-from seal_gguf.convert.split import single_gguf
 from seal_gguf.errors import InputError, SealError
 from seal_gguf.fileio import atomic_dir, check_output_path, first_line, require_gguf
 from seal_gguf.gguffile.header import read_metadata
 from seal_gguf.gguffile.metadata import gguf_seal_metadata
+from seal_gguf.gguffile.split import single_gguf
 from seal_gguf.model.loading import gguf_tokenizer
 
 IMPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -236,27 +236,25 @@ def chunk_budget(length: int, chunks: int | None, tokens: int | None) -> int:
     return DEFAULT_CHUNKS if chunks is None else chunks
 
 
-def make_imatrix(model_dir: Path, scales_path: Path | None, out_path: Path, *, texts: Sequence[Path] = (),
+def make_imatrix(model_dir: Path, scales_path: Path | None, out_path: Path, documents: Sequence[Document], *,
                  length: int | None = None, chunks: int | None = None, tokens: int | None = None, seed: int = 0,
                  device: str = "auto", dtype: str = "float32", progress: bool = True, force: bool = False,
                  warn: Callable[[str], None] | None = None) -> tuple[Path, ImatrixData]:
     """`seal-gguf imatrix`: the importance matrix of the model in model_dir with the scales of scales_path
     (None: the model as it is; a checkpoint with scales folded in gives the SEAL matrix that way), written
-    to out_path. texts: the user's calibration text files (default: the built-in anchor text). length:
+    to out_path. documents: the general calibration text (the CLI's default: the built-in anchor text,
+    seal_gguf.learn.anchor.anchor_documents; never the measurement text). length:
     tokens per chunk (default: the scales' training length, else DEFAULT_LENGTH). chunks / tokens: the
     budget (see chunk_budget). Raises InputError, ScalesError, ArchitectureError, OutputExistsError with
     one line; nothing is written on failure."""
     import gguf
 
-    from seal_gguf.learn.anchor import anchor_documents
     from seal_gguf.model.checkpoint import check_base_fingerprint
     from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
     from seal_gguf.scales import load_scales
-    from seal_gguf.texts import read_text_document
 
     out_path = Path(out_path)
-    check_output_path(out_path, force, inputs=[scales_path, *texts])
-    documents = [read_text_document(Path(t)) for t in texts] if texts else anchor_documents()
+    check_output_path(out_path, force, inputs=[scales_path])
     scales = None if scales_path is None else load_scales(Path(scales_path), model_layout(Path(model_dir)))
     if length is None and scales is not None and scales.metadata.get(ScalesMeta.LENGTH, "").isdigit():
         length = int(scales.metadata[ScalesMeta.LENGTH])

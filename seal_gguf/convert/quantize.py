@@ -403,7 +403,7 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
     """Quantize a GGUF file (f32, f16 or bf16) with llama.cpp's quantizer; seal.* keys are kept.
 
     tensor_types: per-tensor types (parse_tensor_types). split_max_size (bytes): write llama.cpp's split
-    parts of out_path's name (seal_gguf.convert.split). The result is checked before it is kept
+    parts of out_path's name (seal_gguf.gguffile.split). The result is checked before it is kept
     (check_written_gguf): no non-finite weights, and `warn` is told where llama.cpp stored a tensor in
     another type than asked. Returns the file written (the first part of a split output)."""
     in_path, out_path = Path(in_path), Path(out_path)
@@ -418,7 +418,7 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
     if file_type not in QUANTIZABLE_FROM + ("unknown",):
         raise InputError(f"{in_path}: a {file_type} GGUF; llama.cpp's quantizer starts from f32, f16 or bf16 "
                          "(requantizing loses quality): convert the model again with --outtype f16, bf16 or f32")
-    from seal_gguf.convert.split import gguf_output  # imports gguf
+    from seal_gguf.gguffile.split import gguf_output  # imports gguf
 
     check_output_path(out_path, force, inputs=[in_path, imatrix])
     with gguf_output(out_path, split_max_size, force=force, progress=progress, warn=warn) as out:

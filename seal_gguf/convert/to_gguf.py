@@ -442,7 +442,7 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", scale
     (seal_gguf.convert.quantize.parse_tensor_types). The written GGUF is checked for non-finite weights
     before it is kept, and `warn` is told where llama.cpp stores a tensor in another type than asked for,
     or when the scales were learned on another checkpoint and --force folds them anyway. split_max_size
-    (bytes) writes llama.cpp's split parts of out_path's name (seal_gguf.convert.split.gguf_output).
+    (bytes) writes llama.cpp's split parts of out_path's name (seal_gguf.gguffile.split.gguf_output).
     Returns the file written (the first part of a split output).
     """
     return convert_to_ggufs(model_dir, {outtype: out_path}, scales, imatrix=imatrix, tensor_types=tensor_types,
@@ -473,7 +473,7 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
     already there are refused before any work unless `force`. Returns the files written, in the order of
     `outputs` (for a split output its first part).
     """
-    from seal_gguf.convert.split import check_no_parts, gguf_output  # imports gguf
+    from seal_gguf.gguffile.split import check_no_parts, gguf_output  # imports gguf
 
     model_dir = Path(model_dir)
     outputs = {name.lower(): Path(path) for name, path in outputs.items()}

@@ -14,7 +14,7 @@ length and type:
   quantizer (ggml_quantize_chunk, as llama-quantize runs it without an importance matrix): lossy;
 - the IQ types that llama.cpp quantizes only with an importance matrix are refused.
 A split GGUF (given by its first part) is folded part by part into the same parts, the seal.* keys
-in the first; --split-max-size re-splits the folded model (seal_gguf.convert.split).
+in the first; --split-max-size re-splits the folded model (seal_gguf.gguffile.split).
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ from tqdm import tqdm
 
 from seal_gguf import __version__
 from seal_gguf.constants import F16_MAX, GGUF_RECIPE_KEYS, GGUF_SEAL_PREFIX, GGUFKeys, ScalesMeta
-from seal_gguf.convert.split import (
+from seal_gguf.errors import AlreadyFoldedError, ArchitectureError, EngineError, InputError, ScalesError
+from seal_gguf.fileio import check_output_path, require_gguf
+from seal_gguf.gguffile.header import FIXED_HEADER, GGUFHeader, kv_pair
+from seal_gguf.gguffile.split import (
     GGUFPart,
     atomic_outputs,
     copy_range,
@@ -50,9 +53,6 @@ from seal_gguf.convert.split import (
     read_gguf_parts,
     split_gguf,
 )
-from seal_gguf.errors import AlreadyFoldedError, ArchitectureError, EngineError, InputError, ScalesError
-from seal_gguf.fileio import check_output_path, require_gguf
-from seal_gguf.gguffile.header import FIXED_HEADER, GGUFHeader, kv_pair
 from seal_gguf.model.architectures import ModelLayout, arch_specs
 from seal_gguf.model.checkpoint import check_base_fingerprint
 from seal_gguf.scales import SealScales, check_against, read_scales
@@ -314,7 +314,7 @@ def fold_gguf(in_path: Path, scales_path: Path, out_path: Path, force: bool = Fa
     the scales and the source GGUF's sha256 (of its parts in order, for a split GGUF).
     in_path may be the first part of a split GGUF (NAME-00001-of-0000N.gguf): the output has the same
     parts, named after out_path (OUT-00001-of-0000N.gguf ...). split_max_size (bytes) writes the output
-    as parts of at most that much tensor data instead (seal_gguf.convert.split). Raises InputError
+    as parts of at most that much tensor data instead (seal_gguf.gguffile.split). Raises InputError
     (not a GGUF, a split GGUF's part missing or not the first, truncated), ArchitectureError (an
     architecture or layout seal-gguf cannot fold), ScalesError (scales that do not fit, or from another
     checkpoint on an F32 GGUF unless force), AlreadyFoldedError (the GGUF already carries scales,
