@@ -107,7 +107,8 @@ def test_bad_requests_refused_in_one_line(llama: Path, tmp_path: Path, option: l
 
 
 def test_existing_outputs_of_a_set(llama: Path, scales: Path, tmp_path: Path) -> None:
-    """Without --force, a file at an output's name is kept only if it is that type from these scales."""
+    """Without --force, a file at an output's name is refused; with --resume it is kept only if it is that type
+    from these scales."""
     outputs = output_paths(["q4_0", "q8_0"], tmp_path, llama, folded=True)
     outputs["q4_0"].write_bytes(b"an older file")
     one_line_error(invoke("fold-and-convert", llama, scales, "-o", tmp_path, "--outtype", "q4_0,q8_0", "-q"),
@@ -119,8 +120,8 @@ def test_existing_outputs_of_a_set(llama: Path, scales: Path, tmp_path: Path) ->
     for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
         step()
     writer.close()
-    one_line_error(invoke("fold-and-convert", llama, scales, "-o", tmp_path, "--outtype", "q4_0,q8_0", "-q"),
-                   "already exists (use --force")
+    one_line_error(invoke("fold-and-convert", llama, scales, "-o", tmp_path, "--outtype", "q4_0,q8_0", "--resume",
+                          "-q"), "already exists (use --force")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-seal-q4_0.gguf"]
 
 
@@ -146,7 +147,9 @@ def test_set_interrupted_resumed_equals_separate_runs(llama: Path, scales: Path,
     assert [p.name for p in tmp_path.iterdir()] == ["model-seal-q4_k_m.gguf"]  # no intermediate, no partial file
     first = outputs["q4_k_m"].stat()
 
-    result = invoke("fold-and-convert", llama, scales, "-o", tmp_path, "--outtype", ",".join(SET), "-q")
+    again = ["fold-and-convert", llama, scales, "-o", tmp_path, "--outtype", ",".join(SET), "-q"]
+    one_line_error(invoke(*again), "already exists (use --force")  # a finished file is kept only when asked
+    result = invoke(*again, "--resume")
     assert result.exit_code == 0, result.output
     assert f"Kept {outputs['q4_k_m']} (q4_k_m" in result.output
     assert f"Wrote {outputs['q8_0']} (q8_0" in result.output and f"Wrote {outputs['f32']} (f32" in result.output

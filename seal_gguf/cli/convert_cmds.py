@@ -35,8 +35,12 @@ outtype_option = click.option(
     help="f32, f16, bf16, q8_0 (written by the converter) or a llama-quantize type: q4_k_m, q5_k_m, q6_k, "
          "iq4_xs, q4_0, ... Several, comma-separated, convert once and quantize each type from the same "
          "lossless intermediate; -o is then a folder (files MODEL[-seal]-TYPE.gguf) or a name with {type}. "
-         "Each file gets its name only once complete: after Ctrl-C the same command again keeps the finished "
-         "ones (same type and scales) and makes the rest; --force makes them all again.")
+         "Each file gets its name only once complete: after Ctrl-C the same command with --resume keeps the "
+         "finished ones and makes the rest; --force makes them all again.")
+resume_option = click.option(
+    "--resume", is_flag=True,
+    help="Keep outputs already there of the same type and scales (an interrupted run's finished files) and make "
+         "the rest. The files do not record the model or the other options: resume only the same command.")
 imatrix_option = click.option("--imatrix", type=PATH, help="Importance matrix for the quantizer (llama-imatrix).")
 TENSOR_TYPE_OPTIONS = (
     click.option("--attn-output-type", metavar="TYPE",
@@ -82,7 +86,7 @@ output_option = click.option(
 
 def conversion_options(func: Callable[..., Any], force: Callable[..., Any] = force_option) -> Callable[..., Any]:
     for option in reversed((output_option, outtype_option, imatrix_option, split_size_option, llama_cpp_option,
-                            rope_options, verbose_option, force, quiet_option)):
+                            rope_options, verbose_option, force, resume_option, quiet_option)):
         func = option(func)
     return func
 
@@ -109,8 +113,9 @@ def write_ggufs(model_dir: Path, out: Path, outtype: str, scales: Path | None, s
         convert_to_ggufs(model_dir, outputs, scales, report=said, **options)
     except KeyboardInterrupt:
         if len(outputs) > 1:
-            click.echo(f"{len(finished)} of {len(outputs)} types finished; the same command again makes the rest.",
-                       err=True)
+            again = ("the same command with --resume makes the rest" if options.get("split_max_size") is None
+                     else "the same command with --force makes the set again")
+            click.echo(f"{len(finished)} of {len(outputs)} types finished; {again}.", err=True)
         raise
     return outputs
 
@@ -125,7 +130,7 @@ def write_ggufs(model_dir: Path, out: Path, outtype: str, scales: Path | None, s
 def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str, imatrix: Path | None,
                      tensor_types: TensorTypes, split_max_size: int | None, llama_cpp: Path | None,
                      rope_scaling: str | None, rope_factor: float | None, rope_original_context: int | None,
-                     verbose: bool, force: bool, quiet: bool, ollama: bool) -> None:
+                     verbose: bool, force: bool, resume: bool, quiet: bool, ollama: bool) -> None:
     """Fold SEAL scales into a model while llama.cpp's converter turns it into a GGUF.
 
     The o_proj columns are scaled inside the converter in one pass (no folded copy on disk);
@@ -155,8 +160,8 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
     if ollama:
         check_modelfile(out_path, force)
     write_ggufs(model_dir, out_path, outtype, scales, started, imatrix=imatrix, tensor_types=tensor_types,
-                split_max_size=split_max_size, llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose,
-                progress=not quiet)
+                split_max_size=split_max_size, llama_cpp=llama_cpp, rope=rope, force=force, resume=resume,
+                verbose=verbose, progress=not quiet)
     if ollama:
         modelfile_after_conversion(out_path, scales, force)
 
@@ -169,7 +174,7 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
 def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | None, tensor_types: TensorTypes,
                 split_max_size: int | None, llama_cpp: Path | None, rope_scaling: str | None,
                 rope_factor: float | None, rope_original_context: int | None, verbose: bool, force: bool,
-                quiet: bool) -> None:
+                resume: bool, quiet: bool) -> None:
     """Convert a model to GGUF without scales: the baseline, through the same converter.
 
     With --rope-scaling the GGUF carries the context extension: llama.cpp runs it as is.
@@ -183,8 +188,8 @@ def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | N
     started = time.monotonic()
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
     write_ggufs(model_dir, out_path, outtype, None, started, imatrix=imatrix, tensor_types=tensor_types,
-                split_max_size=split_max_size, llama_cpp=llama_cpp, rope=rope, force=force, verbose=verbose,
-                progress=not quiet)
+                split_max_size=split_max_size, llama_cpp=llama_cpp, rope=rope, force=force, resume=resume,
+                verbose=verbose, progress=not quiet)
 
 
 @cli.command("quantize")

@@ -456,7 +456,7 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
                      verbose: bool = False, progress: bool = True,
                      warn: Callable[[str], None] | None = warn_on_stderr,
                      report: Callable[[str, Path, bool], None] | None = None,
-                     split_max_size: int | None = None) -> list[Path]:
+                     split_max_size: int | None = None, resume: bool = False) -> list[Path]:
     """convert_to_gguf for several types at once: outputs maps each type to its file (output_paths).
 
     One type the converter writes goes straight to its file, as convert_to_gguf does. Otherwise the
@@ -464,10 +464,10 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
     llama.cpp's quantizer makes each type from it (the intermediate's own type is the intermediate,
     renamed); `imatrix` and `tensor_types` apply to the quantized types. Every output is written under a
     temporary name and renamed into place once checked, so an error or Ctrl-C leaves the finished ones
-    and no partial file. With several types and not `force`, an output already there from an earlier run
-    of the same type and scales (finished_output) is kept and skipped: running again resumes an
-    interrupted set; `force` makes every output again. Any other existing output is refused
-    (OutputExistsError) before any work. `report(type, path, written)` is told of each output as it is
+    and no partial file. With `resume` (and not `force`), an output already there from an earlier run
+    of the same type and scales (finished_output) is kept and skipped: the caller vouches that it was
+    made from the same model and options, which the file does not record; `force` makes every output
+    again. Any other existing output is refused (OutputExistsError) before any work. `report(type, path, written)` is told of each output as it is
     finished (written=True) or kept (False). split_max_size (bytes): each output is written as llama.cpp's
     split parts of its name (gguf_output); split outputs are never kept from an earlier run, and parts
     already there are refused before any work unless `force`. Returns the files written, in the order of
@@ -507,9 +507,11 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
     elif config.get("model_type") in supported_model_types():
         # weights that do not fit config.json would convert into a GGUF llama.cpp cannot load
         locate_o_proj(headers, layout_from_config(config, model_dir / "config.json"))
-    sha256 = sha256_file(scales) if scales is not None and several and not force else None
-    kept = [name for name, path in outputs.items() if several and not force and split_max_size is None
-            and path.exists() and finished_output(path, name, sha256)]
+    if resume and split_max_size is not None:
+        raise InputError("--resume keeps whole GGUF files; a split set is made again (--force) instead")
+    sha256 = sha256_file(scales) if scales is not None and resume and not force else None
+    kept = [name for name, path in outputs.items()
+            if resume and not force and path.exists() and finished_output(path, name, sha256)]
     todo = {name: path for name, path in outputs.items() if name not in kept}
     for path in todo.values():  # before fetching the converter, which can take a while
         check_output_path(path, force, inputs=[scales, imatrix])
