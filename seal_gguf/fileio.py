@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from seal_gguf.errors import InputError, OutputExistsError, SealError
 
@@ -146,6 +148,18 @@ def require_file(path: Path, what: str = "file") -> Path:
 
 
 GGUF_MAGIC = b"GGUF"
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in the UTF-8 file at path (config.json, adapter_config.json, ...). Raises InputError,
+    naming the file, for one that cannot be read, is not JSON or holds something else than an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
 
 
 def gguf_magic(path: Path) -> bytes:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from seal_gguf.errors import ArchitectureError, InputError
+from seal_gguf.fileio import read_json_object
 
 
 @dataclass(frozen=True)
@@ -291,13 +292,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise InputError(f"{path}: missing; is {model_dir} a Hugging Face model folder?")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def model_layout(model_dir: Path) -> ModelLayout:

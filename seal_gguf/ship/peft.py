@@ -36,7 +36,7 @@ from seal_gguf.constants import (
     ScalesMeta,
 )
 from seal_gguf.errors import InputError, ScalesError
-from seal_gguf.fileio import atomic_dir, check_output_path, require_file
+from seal_gguf.fileio import atomic_dir, check_output_path, read_json_object, require_file
 from seal_gguf.model.architectures import ModelLayout, layout_from_config, model_layout, read_config
 from seal_gguf.model.checkpoint import (
     check_base_fingerprint,
@@ -269,12 +269,7 @@ def read_adapter(adapter_dir: Path) -> IA3Adapter:
         raise InputError(f"{adapter_dir}: no such folder; give a PEFT adapter folder (adapter_config.json, "
                          f"{ADAPTER_WEIGHTS})")
     config_path = require_file(adapter_dir / ADAPTER_CONFIG, "PEFT adapter config")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path)
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.exists() and (adapter_dir / PICKLED_WEIGHTS).exists():
         raise InputError(f"{adapter_dir}: holds {PICKLED_WEIGHTS}, a pickled checkpoint, which seal-gguf does not "
