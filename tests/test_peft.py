@@ -143,6 +143,25 @@ def test_round_trip_gives_the_same_scales(tiny_model, tmp_path: Path, granularit
         assert torch.equal(read_scales(tmp_path / "h.safetensors").values, scales.values)
 
 
+
+def test_layer_without_a_vector_said(tiny_model, tmp_path: Path) -> None:
+    """An adapter without one layer's vector imports with scale 1.0 there, and a warning names the layer."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tiny_model("llama")
+    scales_file(tmp_path / "s.safetensors", model_dir, "channel")
+    assert invoke("export-peft", tmp_path / "s.safetensors", model_dir, "-o", tmp_path / "a").exit_code == 0
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    dropped = next(key for key in tensors if ".layers.1." in key)
+    save_file({k: v for k, v in tensors.items() if k != dropped}, weights, metadata={"format": "pt"})
+    result = invoke("import-peft", tmp_path / "a", "-o", tmp_path / "c.safetensors")
+    assert result.exit_code == 0, result.output
+    assert "no vector for layer(s) 1 of the model" in result.output
+    assert torch.equal(read_scales(tmp_path / "c.safetensors").values[1], torch.ones_like(read_scales(
+        tmp_path / "c.safetensors").values[1]))
+
+
 def lora(model_dir: Path, out: Path) -> None:
     peft_adapter(model_dir, out, LoraConfig(target_modules=["o_proj"], r=2))
 

@@ -61,6 +61,9 @@ def import_peft_cmd(adapter_dir: Path, out_path: Path, model_dir: Path | None, g
     """
     result = import_peft(adapter_dir, out_path, model_dir, granularity, force=force,
                          command=shlex.join(["seal-gguf", *sys.argv[1:]]))
+    if result.layers_missing:
+        click.echo(f"Warning: the adapter has no vector for layer(s) {', '.join(map(str, result.layers_missing))} "
+                   "of the model: their scales are 1.0 (as PEFT leaves a module without weights)", err=True)
     recipe = "; the recipe it was exported with is kept" if result.recipe_restored else ""
     click.echo(f"Wrote {result.path}: {GRANULARITY_LABEL[result.granularity]} from the IA3 vectors of "
                f"{result.layers_adapted} o_proj modules{recipe}")

@@ -79,13 +79,15 @@ class PeftExport:
 class PeftImport:
     """What import_peft wrote: the scales file, its granularity, how many layers the adapter adapts (the
     others are 1.0), whether every head's vector is constant (then SEAL-H holds it exactly), and whether
-    the recipe the adapter recorded (it was exported by seal-gguf and its vectors are unchanged) was kept."""
+    the recipe the adapter recorded (it was exported by seal-gguf and its vectors are unchanged) was kept;
+    the layers without a vector, which get scale 1.0 (said in a warning by the CLI)."""
 
     path: Path
     granularity: str
     layers_adapted: int
     head_constant: bool
     recipe_restored: bool
+    layers_missing: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -328,5 +330,6 @@ def import_peft(adapter_dir: Path, out_path: Path, model_dir: Path | None = None
                   **({ScalesMeta.COMMAND: command} if command else {}), **recipe}
     written = head_scales(values, str(adapter.path)) if granularity == GRANULARITY_HEAD else values
     save_scales(out_path, written, layout, granularity, provenance, force=force)
-    return PeftImport(out_path, granularity, len(layers), head_constant, bool(recipe))
+    missing = tuple(layer for layer in range(layout.num_layers) if layer not in layers)
+    return PeftImport(out_path, granularity, len(layers), head_constant, bool(recipe), missing)
 
