@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from seal_gguf.cases import TASKS, load_cases, save_cases
-from seal_gguf.constants import GRANULARITIES, GRANULARITY_HEAD
+from seal_gguf.constants import GRANULARITIES, GRANULARITY_CHANNEL
 from seal_gguf.fileio import atomic_file, check_output_path
 from seal_gguf.learn.measure_step import measure_step
 from seal_gguf.learn.objective import DEFAULT_ANCHOR_WEIGHT, DEFAULT_ANCHOR_WINDOW
@@ -42,7 +42,7 @@ def _accuracy(result: tuple[int, int] | None) -> str:
 @cli.command()
 @click.argument("model_dir", type=PATH)
 @click.option("-o", "--output", type=PATH, required=True, help="Scales file to write (.safetensors).")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default=GRANULARITY_HEAD, show_default=True,
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=GRANULARITY_CHANNEL, show_default=True,
               help="head: one scale per head (SEAL-H); channel: one per head channel (SEAL-C).")
 @click.option("--task", default="lines", show_default=True, metavar="TASK[,TASK...]",
               help=f"Generated training task, or several interleaved ({', '.join(TASKS)}).")
@@ -106,11 +106,11 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
 
     \b
     Examples:
-      seal-gguf train smol/ -o scales.safetensors
-      seal-gguf train smol/ -o scales-c.safetensors --granularity channel --length 2048 --device cuda
+      seal-gguf train smol/ -o seal-c.safetensors    # SEAL-C: one scale per head channel
+      seal-gguf train smol/ -o seal-h.safetensors --granularity head --length 2048 --device cuda
       seal-gguf train smol/ -o scales.safetensors --task lines,kv --min-length 512 --anchor-weight 10
       seal-gguf train smol/ -o paper.safetensors --anchor-weight 0
-      seal-gguf train smol/ -o scales-yarn.safetensors --granularity channel --rope-scaling yarn --rope-factor 2
+      seal-gguf train smol/ -o scales-yarn.safetensors --rope-scaling yarn --rope-factor 2
       seal-gguf train llama-7b/ -o scales.safetensors --length 32768 --dtype bfloat16 --device cuda
       seal-gguf train llama-70b/ -o scales.safetensors --length 16384 --dtype bfloat16 --device-map auto
     """
@@ -198,7 +198,7 @@ def _step_lines(step: StepMemory) -> list[str]:
               help="Prompt length of the training cases, in tokens.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
               help="Dtype of the frozen model.")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default=GRANULARITY_HEAD, show_default=True,
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=GRANULARITY_CHANNEL, show_default=True,
               help="Scales to learn (SEAL-C's are larger, still tiny next to the model).")
 @click.option("--no-gradient-checkpointing", is_flag=True, help="Plan for training without checkpointing.")
 @click.option("--max-memory", default=None, metavar="SPEC",

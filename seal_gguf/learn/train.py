@@ -236,7 +236,7 @@ def _fraction(result: tuple[int, int] | None) -> str:
 
 def train_scales(
     model_dir: Path,
-    granularity: str = GRANULARITY_HEAD,
+    granularity: str = GRANULARITY_CHANNEL,
     task: str = "lines",
     samples: int = DEFAULT_SAMPLES,
     length: int = 1024,
