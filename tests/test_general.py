@@ -168,7 +168,7 @@ def test_summary_from_stats() -> None:
 def test_describe() -> None:
     cost = CostSummary(tokens=4096, ppl_base=15.6, ppl_seal=15.9, ppl_ratio=1.0192, ppl_ratio_stderr=None,
                        mean_kld=0.0123, mean_kld_stderr=0.001, p99_kld=0.0912, same_top=0.9713, same_top_stderr=0.002)
-    assert cost.describe() == ("PPL ×1.019 (15.6 → 15.9), mean KLD 0.012, 99% KLD 0.091, same top-1 97.1% "
+    assert cost.describe() == ("PPL ×1.019 (15.6 → 15.9), mean KLD 0.0123, 99% KLD 0.0912, same top-1 97.1% "
                                "over 4,096 scored positions")
 
 

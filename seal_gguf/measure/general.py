@@ -115,7 +115,7 @@ class CostSummary:
         return asdict(self)
 
     def describe(self) -> str:
-        """One line, e.g. "PPL ×1.019 (15.6 → 15.9), mean KLD 0.012, 99% KLD 0.09, same top-1 97.1%
+        """One line, e.g. "PPL ×1.019 (15.6 → 15.9), mean KLD 0.0123, 99% KLD 0.0912, same top-1 97.1%
         over 4,096 scored positions"."""
         return (f"PPL ×{self.ppl_ratio:.3f} ({_ppl(self.ppl_base)} → {_ppl(self.ppl_seal)}), "
                 f"mean KLD {_kld(self.mean_kld)}, 99% KLD {_kld(self.p99_kld)}, "
@@ -129,7 +129,7 @@ def _ppl(x: float) -> str:
 
 
 def _kld(x: float) -> str:
-    return "0" if x == 0 else f"{x:.2g}"
+    return "0" if x == 0 else f"{x:.3g}"
 
 
 @dataclass(frozen=True)
