@@ -58,3 +58,18 @@ def scales_file(path: Path, model_dir: Path, granularity: str = "head", values: 
         values = torch.exp(0.5 * torch.randn(expected_shape(layout, granularity), generator=g))
     save_scales(path, values, layout, granularity, provenance=provenance, force=True)
     return path
+
+
+def tensors_gguf(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """A GGUF written by gguf-py holding float32 zeros of these names and shapes, nothing else: for what reads
+    only tensor names and sizes (split parts, per-tensor patterns)."""
+    from gguf import GGUFWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(path), "llama")
+    for name, shape in shapes.items():
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        step()
+    writer.close()
+    return path

@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf import GGUFReader, GGUFWriter, LlamaFileType
-from helpers import one_line_error, random_scales
+from helpers import one_line_error, random_scales, tensors_gguf
 
 import seal_gguf.convert.to_gguf as convert_module
 from seal_gguf.cli.app import cli
 from seal_gguf.constants import GGUFKeys
-from seal_gguf.convert.quantize import ATTN_OUTPUT_PATTERN, TensorTypes, parse_tensor_types
+from seal_gguf.convert.quantize import (
+    ATTN_OUTPUT_PATTERN,
+    TensorTypes,
+    parse_tensor_types,
+    warn_unmatched_patterns,
+)
 from seal_gguf.convert.to_gguf import convert_to_gguf, convert_to_ggufs, output_paths, split_outtypes
 from seal_gguf.errors import InputError
 
@@ -67,6 +72,24 @@ def test_outtypes_and_output_names(tmp_path: Path) -> None:
         "q4_0": tmp_path / "b-q4_0.gguf", "q8_0": tmp_path / "b-q8_0.gguf"}
     with pytest.raises(InputError, match="an existing folder or a file name with {type}"):
         output_paths(["q4_0", "q8_0"], tmp_path / "one.gguf", model, folded=False)
+    # one type: an existing folder too, the file named as for several
+    assert output_paths(["q8_0"], tmp_path, model, folded=False) == {"q8_0": tmp_path / "smol-q8_0.gguf"}
+    assert output_paths(["q8_0"], f"{tmp_path}/", model, folded=True) == {"q8_0": tmp_path / "smol-seal-q8_0.gguf"}
+    for outtypes in (["q8_0"], ["q4_0", "q8_0"]):  # a trailing separator says "a folder", which must exist
+        with pytest.raises(InputError, match="new/: output folder does not exist"):
+            output_paths(outtypes, f"{tmp_path}/new/", model, folded=False)
+
+
+@pytest.mark.unit
+def test_a_pattern_that_matches_no_tensor_is_said(tmp_path: Path) -> None:
+    """llama-quantize applies a --tensor-type pattern that names no tensor to nothing, silently; here a warning
+    names it. Only the tensors the quantizer quantizes count (2-D and up: not the norms)."""
+    gguf = tensors_gguf(tmp_path / "m.gguf", {"blk.0.attn_v.weight": (8, 32), "blk.0.attn_norm.weight": (32,)})
+    said: list[str] = []
+    warn_unmatched_patterns(gguf, parse_tensor_types(["attn_v=q8_0", "attn_vv=q8_0", "norm=f16"]), said.append)
+    assert said == [f"--tensor-type '{pattern}' matches none of the model's 1 tensors that llama.cpp quantizes: it "
+                    "changes nothing (the GGUF names them like blk.0.attn_v.weight)" for pattern in ("attn_vv=q8_0",
+                                                                                                     "norm=f16")]
 
 
 @pytest.mark.unit
@@ -189,6 +212,20 @@ def test_tensor_types_stored_as_asked(singles: dict[str, Path], tmp_path: Path) 
     pure = tmp_path / "pure.gguf"
     assert invoke("quantize", source, pure, "q4_k_m", "--pure", "-q").exit_code == 0
     assert {t for n, t in types(pure).items() if n.endswith(".weight") and "norm" not in n} == {"Q4_K"}
+
+
+def test_one_type_into_a_folder_and_an_unmatched_pattern(llama: Path, converter: Path, tmp_path: Path) -> None:
+    """convert -o FOLDER with one type writes FOLDER/MODEL-TYPE.gguf; a --tensor-type pattern that matches
+    nothing is a warning (seen on the lossless intermediate, once), the others apply."""
+    result = invoke("convert", llama, "-o", tmp_path, "--outtype", "q4_0", "--tensor-type", "attn_vv=q8_0",
+                    "--tensor-type", "attn_v=q8_0", "-q")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "model-q4_0.gguf"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name] and f"Wrote {out} (q4_0, " in result.output
+    assert result.stderr.splitlines() == ["Warning: --tensor-type 'attn_vv=q8_0' matches none of the model's 16 "
+                                          "tensors that llama.cpp quantizes: it changes nothing (the GGUF names them "
+                                          "like blk.0.attn_v.weight)"]
+    assert {t for n, t in types(out).items() if n.endswith("attn_v.weight")} == {"Q8_0"}
 
 
 def test_fallback_reported(tiny_model, converter: Path, tmp_path: Path) -> None:

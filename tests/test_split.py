@@ -7,7 +7,9 @@ file's logits, bit for bit.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, Keys
-from helpers import llama_cpp_logits, logits, random_scales
+from helpers import llama_cpp_logits, logits, one_line_error, random_scales, tensors_gguf
 
 import seal_gguf.gguffile.split as split_module
 from seal_gguf.cli.app import cli
@@ -23,10 +25,12 @@ from seal_gguf.constants import GGUFKeys
 from seal_gguf.convert.from_gguf import import_gguf
 from seal_gguf.convert.quantize import quantize as quantize_gguf
 from seal_gguf.convert.to_gguf import convert_to_gguf
-from seal_gguf.errors import InputError
+from seal_gguf.errors import InputError, OutputExistsError
+from seal_gguf.fileio import atomic_dir, atomic_file
 from seal_gguf.fold.gguf import fold_gguf
 from seal_gguf.gguffile.header import read_gguf_header
-from seal_gguf.gguffile.split import parse_split_size, single_gguf, split_gguf
+from seal_gguf.gguffile.split import gguf_output, parse_split_size, single_gguf, split_gguf
+from seal_gguf.ship.chat import ChatSession
 
 IDS = [1, 200, 300, 400, 500]
 SPLIT_KEYS = (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
@@ -100,6 +104,75 @@ def test_sizes_as_llama_cpp_spells_them() -> None:
     assert result.exit_code == 2 and "expected a number of bytes, optionally followed by K, M or G" in result.output
 
 
+def four_tensors(path: Path) -> Path:
+    """A GGUF of four 4 KB tensors: split at 5000 bytes, four parts; at 9000, two."""
+    return tensors_gguf(path, {f"blk.{i}.ffn_up.weight": (8, 128) for i in range(4)})
+
+
+def write_gguf(source: Path, out: Path, split_max_size: int | None, force: bool = False,
+               inputs: list[Path] = ()) -> tuple[Path, ...]:
+    """`source` written to `out` the way convert and quantize write their GGUF (gguf_output)."""
+    with gguf_output(out, split_max_size, force=force, progress=False, inputs=inputs) as pending:
+        shutil.copy(source, pending.path)
+    return pending.written
+
+
+@pytest.mark.unit
+def test_outputs_get_the_usual_mode(tmp_path: Path) -> None:
+    """Outputs get the mode open() gives a new file (0666 & ~umask; folders 0777), not the temporary file's 0600."""
+    source = four_tensors(tmp_path / "source.gguf")
+    out = tmp_path / "out"
+    out.mkdir()
+    old = os.umask(0o027)
+    try:
+        with atomic_file(out / "file.txt") as tmp:
+            tmp.write_text("x")
+        with atomic_dir(out / "folder") as tmp:
+            (tmp / "inside.txt").write_text("x")
+        written = [*write_gguf(source, out / "plain.gguf", None), *write_gguf(source, out / "split.gguf", 5000)]
+    finally:
+        os.umask(old)
+    assert len(written) == 5
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*out.iterdir(), out / "folder" / "inside.txt"]}
+    assert modes == {**{p.name: 0o640 for p in [out / "file.txt", out / "inside.txt", *written]}, "folder": 0o750}
+
+
+@pytest.mark.unit
+def test_force_replaces_what_an_earlier_run_left_under_the_name(tmp_path: Path) -> None:
+    """A split set of another count, or the plain file a set replaces (and the reverse), is refused without --force
+    and removed with it, once the new output is complete; other names, and the inputs, are never touched."""
+    source = four_tensors(tmp_path / "source.gguf")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "m.gguf"
+    others = [out_dir / name for name in ("m-q8_0-00001-of-00002.gguf", "xm-00001-of-00002.gguf", "m.gguf.bak",
+                                          "m-00001-of-00002.gguf.tmp", "m-1-of-2.gguf")]
+    for other in others:
+        other.write_bytes(b"not ours")
+
+    def left() -> list[str]:
+        return sorted(p.name for p in out_dir.iterdir() if p not in others)
+
+    four = write_gguf(source, out, 5000)
+    assert left() == [f"m-0000{k}-of-00004.gguf" for k in range(1, 5)] == [p.name for p in four]
+    for size in (None, 9000):
+        with pytest.raises(OutputExistsError, match="m-00001-of-00004.gguf exists .a part of an earlier split"):
+            write_gguf(source, out, size)
+    with pytest.raises(RuntimeError), gguf_output(out, 9000, force=True, progress=False) as pending:
+        shutil.copy(source, pending.path)
+        raise RuntimeError("the new output fails: the old one stays")
+    assert left() == [p.name for p in four]
+    for size, names in ((9000, ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]), (None, ["m.gguf"]),
+                        (5000, [p.name for p in four])):
+        written = write_gguf(source, out, size, force=True)
+        assert left() == [p.name for p in written] == names
+    # parts of the name that are being read (quantize given the first part): a new set of that name leaves them
+    inputs = write_gguf(source, out_dir / "in.gguf", 5000)
+    kept = write_gguf(source, out_dir / "in.gguf", 9000, force=True, inputs=[inputs[0]])
+    assert sorted(p.name for p in out_dir.glob("in*")) == sorted(p.name for p in (*inputs, *kept))
+    assert all(other.read_bytes() == b"not ours" for other in others)
+
+
 def test_parts_load_in_llama_cpp(base: Path, parts: list[Path]) -> None:
     n = len(parts)
     assert n > 2 and [p.name for p in parts] == [f"model-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
@@ -138,7 +211,7 @@ def test_fold_gguf_reads_and_writes_parts(base: Path, parts: list[Path], scales:
     assert result.exit_code == 0, result.output
     n = len(parts)
     folded = [tmp_path / f"folded-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
-    assert f"into {folded[0]} ({n} parts, " in result.output
+    assert f"into {folded[0]} … {folded[-1].name} ({n} parts, " in result.output
     # the same parts, each holding what the input's part held, folded as the unsplit GGUF is
     assert [list(read_gguf_header(p)[0].tensors) for p in folded] == [list(read_gguf_header(p)[0].tensors)
                                                                        for p in parts]
@@ -153,6 +226,10 @@ def test_fold_gguf_reads_and_writes_parts(base: Path, parts: list[Path], scales:
     resplit = sorted(tmp_path.glob("resplit-*.gguf"))
     assert len(resplit) > n and tensor_data(resplit) == tensor_data([single])
     assert np.array_equal(llama_cpp_logits(resplit[0], IDS), llama_cpp_logits(single, IDS))
+    # --force without a split size: one file, and the set it replaces is gone
+    result = invoke("fold-gguf", base, scales, "-o", tmp_path / "resplit.gguf", "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(tmp_path.glob("resplit*")) == [tmp_path / "resplit.gguf"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -182,6 +259,16 @@ def test_bad_parts_refused(base: Path, parts: list[Path], scales: Path, tmp_path
     # an existing part of the output: nothing written unless --force
     (tmp_path / f"out-00002-of-{n:05d}.gguf").write_bytes(b"old")
     refused(["fold-gguf", parts[0], scales, "-o", out], "already exists (use --force", tmp_path, parts)
+
+
+def test_a_later_part_is_refused_by_name(parts: list[Path]) -> None:
+    """llama.cpp loads a split GGUF from its first part: given another, chat (and all that loads a GGUF in
+    llama.cpp) says which to give instead of that llama.cpp failed."""
+    n = len(parts)
+    one_line_error(invoke("chat", parts[1], "--prompt", "hi"),
+                   f"{parts[1]}: part 2 of {n} of a split GGUF; give the first part, {parts[0].name}")
+    with pytest.raises(InputError, match=f"part 3 of {n} of a split GGUF"):
+        ChatSession(parts[2])
 
 
 def test_interrupt_leaves_no_part(base: Path, scales: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,9 +306,11 @@ def test_convert_and_quantize_write_parts(model: Path, base: Path, tmp_path: Pat
                     "-q")
     assert result.exit_code == 0, result.output
     for qtype in ("f16", "q8_0"):
-        first = sorted(out.glob(f"m-{qtype}-*-of-*.gguf"))[0]
+        written = sorted(out.glob(f"m-{qtype}-*-of-*.gguf"))
+        first = written[0]
         assert first.name.startswith(f"m-{qtype}-00001-of-") and not (out / f"m-{qtype}.gguf").exists()
-        assert f"Wrote {first}" in result.output
+        size = sum(p.stat().st_size for p in written) / 1e6
+        assert f"Wrote {first} … {written[-1].name} ({qtype}, {len(written)} parts, {size:.1f} MB) in " in result.output
         whole = convert_to_gguf(model, tmp_path / f"whole-{qtype}.gguf", qtype, progress=False)
         assert np.array_equal(llama_cpp_logits(first, IDS), llama_cpp_logits(whole, IDS))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary left

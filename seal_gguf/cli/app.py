@@ -6,9 +6,10 @@ import functools
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -29,7 +30,53 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+def exit_interrupted(exc: BaseException) -> NoReturn:
+    """Ctrl-C (or `kill`) said in one line on stderr; exit with the shell's code for the signal."""
+    click.echo("Interrupted; no partial output was left behind.", err=True)
+    # the shell's convention: 128 + the signal's number (130 Ctrl-C, 143 kill)
+    sys.exit(128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT))
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error of click's (a bad option value, a missing argument, an unknown command) shown as one
+    line, as the library's errors are, with where to find the usage instead of the usage itself."""
+
+    def __init__(self, error: click.UsageError) -> None:
+        super().__init__(error.format_message(), error.ctx)
+
+    def show(self, file: Any = None) -> None:
+        message = " ".join(line.strip() for line in self.format_message().splitlines() if line.strip())
+        hint = f" (see {self.ctx.command_path} --help)" if self.ctx is not None else ""
+        click.echo(f"Error: {message}{hint}", file=file, err=True)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except (click.exceptions.NoArgsIsHelpError, OneLineUsageError):  # the first is `seal-gguf` alone: its help
+        raise
+    except click.UsageError as exc:
+        raise OneLineUsageError(exc) from None
+    except (KeyboardInterrupt, click.Abort) as exc:  # outside a command, e.g. while its arguments are read
+        exit_interrupted(exc)
+
+
+class SealGroup(click.Group):
+    """The root group: click's usage errors in one line (exit 2), Ctrl-C while parsing as within a command.
+    Everything else (--help, --version, exit codes) is click's own."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():  # the command's own arguments are parsed here
+            return super().invoke(ctx)
+
+
+@click.group(cls=SealGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "-V", "--version", prog_name="seal-gguf")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
@@ -62,11 +109,24 @@ def handle_errors(func: F) -> F:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt as exc:
-            click.echo("Interrupted; no partial output was left behind.", err=True)
-            # the shell's convention: 128 + the signal's number (130 Ctrl-C, 143 kill)
-            sys.exit(128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT))
+            exit_interrupted(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def echo_warnings(warnings: Iterable[str]) -> None:
+    """A result's warnings, a line each on stderr."""
+    for warning in warnings:
+        click.echo(f"Warning: {warning}", err=True)
+
+
+def describe_gguf(paths: Sequence[Path]) -> tuple[str, str]:
+    """A GGUF just written as `paths` (one file, or a split set's parts in order), as an output line names it:
+    the file, or the set's first and last part; and its size, with the number of parts."""
+    size = f"{sum(path.stat().st_size for path in paths) / 1e6:.1f} MB"
+    if len(paths) == 1:
+        return str(paths[0]), size
+    return f"{paths[0]} … {paths[-1].name}", f"{len(paths)} parts, {size}"
 
 
 force_option = click.option("--force", is_flag=True, help="Replace an existing output.")

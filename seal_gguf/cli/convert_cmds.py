@@ -15,12 +15,15 @@ from seal_gguf.constants import ScalesMeta
 from seal_gguf.convert.quantize import TENSOR_TYPES, TensorTypes, parse_tensor_types, quantize
 from seal_gguf.convert.to_gguf import LLAMA_CPP_ENV, convert_to_ggufs, output_paths, split_outtypes
 from seal_gguf.errors import InputError
+from seal_gguf.gguffile.split import written_files
 from seal_gguf.model.rope import extension_mismatch, rope_for_model
 from seal_gguf.scales import read_scales
 
 from .app import (
     PATH,
     cli,
+    describe_gguf,
+    echo_warnings,
     fold_force_option,
     force_option,
     handle_errors,
@@ -80,8 +83,9 @@ llama_cpp_option = click.option(
     help="Use this llama.cpp checkout's converter instead of the pinned one (for offline machines).")
 verbose_option = click.option("-v", "--verbose", is_flag=True, help="Show the converter's and quantizer's full log.")
 output_option = click.option(
-    "-o", "--output", "out_path", type=PATH, required=True,
-    help="The GGUF file to write; with several types, a folder or a file name with {type} in it.")
+    "-o", "--output", "out_path", type=click.Path(), required=True,  # a str: a trailing / says "a folder"
+    help="The GGUF file to write, or an existing folder (file MODEL[-seal]-TYPE.gguf); with several types, a "
+         "folder or a file name with {type} in it.")
 
 
 def conversion_options(func: Callable[..., Any], force: Callable[..., Any] = force_option) -> Callable[..., Any]:
@@ -91,18 +95,18 @@ def conversion_options(func: Callable[..., Any], force: Callable[..., Any] = for
     return func
 
 
-def report(out_path: Path, outtype: str, started: float, written: bool = True) -> None:
-    size = out_path.stat().st_size / 1e6
+def report(first: Path, outtype: str, started: float, written: bool = True) -> None:
+    """The line for an output of type `outtype` whose first file is `first`."""
+    files, size = describe_gguf(written_files(first))
     if written:
-        tqdm.write(f"Wrote {out_path} ({outtype.lower()}, {size:.1f} MB) in {time.monotonic() - started:.1f} s")
+        tqdm.write(f"Wrote {files} ({outtype.lower()}, {size}) in {time.monotonic() - started:.1f} s")
     else:
-        tqdm.write(f"Kept {out_path} ({outtype.lower()}, {size:.1f} MB): finished by an earlier run")
+        tqdm.write(f"Kept {files} ({outtype.lower()}, {size}): finished by an earlier run")
 
 
-def write_ggufs(model_dir: Path, out: Path, outtype: str, scales: Path | None, started: float,
-                **options: Any) -> dict[str, Path]:
-    """convert_to_ggufs with -o's pattern, a line per output; after Ctrl-C in a set, how to resume."""
-    outputs = output_paths(split_outtypes(outtype), out, model_dir, folded=scales is not None)
+def write_ggufs(model_dir: Path, outputs: dict[str, Path], scales: Path | None, started: float,
+                **options: Any) -> None:
+    """convert_to_ggufs, a line per output; after Ctrl-C in a set, how to resume."""
     finished: list[str] = []
 
     def said(name: str, path: Path, written: bool) -> None:
@@ -117,7 +121,6 @@ def write_ggufs(model_dir: Path, out: Path, outtype: str, scales: Path | None, s
                      else "the same command with --force makes the set again")
             click.echo(f"{len(finished)} of {len(outputs)} types finished; {again}.", err=True)
         raise
-    return outputs
 
 
 @cli.command("fold-and-convert")
@@ -127,7 +130,7 @@ def write_ggufs(model_dir: Path, out: Path, outtype: str, scales: Path | None, s
 @ollama_flag
 @handle_errors
 @tensor_type_options
-def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str, imatrix: Path | None,
+def fold_and_convert(model_dir: Path, scales: Path, out_path: str, outtype: str, imatrix: Path | None,
                      tensor_types: TensorTypes, split_max_size: int | None, llama_cpp: Path | None,
                      rope_scaling: str | None, rope_factor: float | None, rope_original_context: int | None,
                      verbose: bool, force: bool, resume: bool, quiet: bool, ollama: bool) -> None:
@@ -152,18 +155,21 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
     mismatch = extension_mismatch(read_scales(scales).metadata.get(ScalesMeta.ROPE_SCALING), rope)
     if mismatch is not None:
-        click.echo(f"warning: {mismatch}", err=True)
-    if ollama and "," in outtype:
+        echo_warnings([mismatch])
+    outtypes = split_outtypes(outtype)
+    if ollama and len(outtypes) > 1:
         raise InputError("--ollama takes one --outtype: run the command once per type Ollama gets")
     if ollama and split_max_size is not None:
         raise InputError("--ollama takes one GGUF file, not split parts: leave out --split-max-size")
+    outputs = output_paths(outtypes, out_path, model_dir, folded=True)
+    gguf = next(iter(outputs.values()))
     if ollama:
-        check_modelfile(out_path, force)
-    write_ggufs(model_dir, out_path, outtype, scales, started, imatrix=imatrix, tensor_types=tensor_types,
+        check_modelfile(gguf, force)
+    write_ggufs(model_dir, outputs, scales, started, imatrix=imatrix, tensor_types=tensor_types,
                 split_max_size=split_max_size, llama_cpp=llama_cpp, rope=rope, force=force, resume=resume,
                 verbose=verbose, progress=not quiet)
     if ollama:
-        modelfile_after_conversion(out_path, scales, force)
+        modelfile_after_conversion(gguf, scales, force)
 
 
 @cli.command("convert")
@@ -171,7 +177,7 @@ def fold_and_convert(model_dir: Path, scales: Path, out_path: Path, outtype: str
 @conversion_options
 @handle_errors
 @tensor_type_options
-def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | None, tensor_types: TensorTypes,
+def convert_cmd(model_dir: Path, out_path: str, outtype: str, imatrix: Path | None, tensor_types: TensorTypes,
                 split_max_size: int | None, llama_cpp: Path | None, rope_scaling: str | None,
                 rope_factor: float | None, rope_original_context: int | None, verbose: bool, force: bool,
                 resume: bool, quiet: bool) -> None:
@@ -187,7 +193,8 @@ def convert_cmd(model_dir: Path, out_path: Path, outtype: str, imatrix: Path | N
     """
     started = time.monotonic()
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
-    write_ggufs(model_dir, out_path, outtype, None, started, imatrix=imatrix, tensor_types=tensor_types,
+    outputs = output_paths(split_outtypes(outtype), out_path, model_dir, folded=False)
+    write_ggufs(model_dir, outputs, None, started, imatrix=imatrix, tensor_types=tensor_types,
                 split_max_size=split_max_size, llama_cpp=llama_cpp, rope=rope, force=force, resume=resume,
                 verbose=verbose, progress=not quiet)
 

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import click
 
-from .app import PATH, cli, fold_force_option, handle_errors, quiet_option, split_size_option
+from .app import (
+    PATH,
+    cli,
+    describe_gguf,
+    echo_warnings,
+    fold_force_option,
+    handle_errors,
+    quiet_option,
+    split_size_option,
+)
 
 
 @cli.command("fold-gguf")
@@ -47,13 +56,10 @@ def fold_gguf_cmd(gguf_file: Path, scales: Path, out_path: Path, split_max_size:
 
     started = time.monotonic()
     result = fold_gguf(gguf_file, scales, out_path, force=force, progress=not quiet, split_max_size=split_max_size)
-    for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+    echo_warnings(result.warnings)
     for qtype in result.requantized:
         click.echo(f"Note: the {qtype} attn_output tensors were requantized by llama.cpp's quantizer "
                    "(lossy); fold-and-convert from the HF model avoids that", err=True)
-    size = sum(path.stat().st_size for path in result.parts) / 1e6
-    parts = f"{len(result.parts)} parts, " if len(result.parts) > 1 else ""
-    click.echo(f"Folded {result.layers} attn_output tensors ({', '.join(result.types)}) into {result.out_path} "
-               f"({parts}{size:.1f} MB, largest |weight| {result.max_abs_weight:.4g}) in "
-               f"{time.monotonic() - started:.1f} s")
+    files, size = describe_gguf(result.parts)
+    click.echo(f"Folded {result.layers} attn_output tensors ({', '.join(result.types)}) into {files} "
+               f"({size}, largest |weight| {result.max_abs_weight:.4g}) in {time.monotonic() - started:.1f} s")

@@ -14,7 +14,7 @@ from seal_gguf.measure.plots import check_plot_path, plot_scales
 from seal_gguf.scales import read_scales
 from seal_gguf.ship.inspect import inspect_path
 
-from .app import PATH, cli, fold_force_option, force_option, handle_errors, quiet_option
+from .app import PATH, cli, echo_warnings, fold_force_option, force_option, handle_errors, quiet_option
 
 
 @cli.command()
@@ -96,8 +96,7 @@ def fold(model_dir: Path, scales: Path, out_dir: Path, force: bool, quiet: bool)
       seal-gguf fold smol/ scales.safetensors -o smol-seal/
     """
     result = fold_checkpoint(model_dir, scales, out_dir, force=force, progress=not quiet)
-    for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+    echo_warnings(result.warnings)
     click.echo(f"Folded {result.layers} o_proj weights into {result.out_dir} "
                f"(largest |weight| {result.max_abs_weight:.4g})")
 

@@ -11,7 +11,7 @@ import click
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_CHANNEL, GRANULARITY_HEAD, GRANULARITY_LABEL
 from seal_gguf.ship.peft import export_peft, import_peft
 
-from .app import PATH, cli, force_option, handle_errors
+from .app import PATH, cli, echo_warnings, force_option, handle_errors
 
 
 @cli.command("export-peft")
@@ -34,8 +34,7 @@ def export_peft_cmd(scales: Path, model_dir: Path, out_dir: Path, force: bool) -
       # model = PeftModel.from_pretrained(model, "smol-seal-ia3").merge_and_unload()
     """
     result = export_peft(scales, model_dir, out_dir, force=force)
-    for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+    echo_warnings(result.warnings)
     click.echo(f"Wrote {result.out_dir}: IA3 on o_proj's input features of {result.layers} layers "
                f"({GRANULARITY_LABEL[result.granularity]}; target_modules {result.target_modules})")
 
@@ -62,8 +61,8 @@ def import_peft_cmd(adapter_dir: Path, out_path: Path, model_dir: Path | None, g
     result = import_peft(adapter_dir, out_path, model_dir, granularity, force=force,
                          command=shlex.join(["seal-gguf", *sys.argv[1:]]))
     if result.layers_missing:
-        click.echo(f"Warning: the adapter has no vector for layer(s) {', '.join(map(str, result.layers_missing))} "
-                   "of the model: their scales are 1.0 (as PEFT leaves a module without weights)", err=True)
+        echo_warnings([f"the adapter has no vector for layer(s) {', '.join(map(str, result.layers_missing))} "
+                       "of the model: their scales are 1.0 (as PEFT leaves a module without weights)"])
     recipe = "; the recipe it was exported with is kept" if result.recipe_restored else ""
     click.echo(f"Wrote {result.path}: {GRANULARITY_LABEL[result.granularity]} from the IA3 vectors of "
                f"{result.layers_adapted} o_proj modules{recipe}")

@@ -12,7 +12,7 @@ from seal_gguf.ship.card import write_card
 from seal_gguf.ship.ollama import ModelfileResult, default_modelfile, ollama_name, write_modelfile
 from seal_gguf.ship.serve import DEFAULT_HOST, DEFAULT_PORT, LlamaServer, plan_server
 
-from .app import PATH, cli, force_option, handle_errors
+from .app import PATH, cli, echo_warnings, force_option, handle_errors
 
 scales_option = click.option(
     "--scales", type=PATH,
@@ -24,8 +24,7 @@ ollama_flag = click.option(
 
 
 def report_modelfile(result: ModelfileResult) -> None:
-    for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+    echo_warnings(result.warnings)
     t = result.translation
     template = f"{t.family} template" if t.family else "your template" + ("" if t.checked else " (not checked)")
     system = ", default system message" if t.system else ""

@@ -13,7 +13,7 @@ from seal_gguf.measure.validate import DEFAULT_CTX, raise_for_failures, validate
 from seal_gguf.measure.validate_report import format_report
 from seal_gguf.model.rope import rope_for_model
 
-from .app import PATH, cli, handle_errors, quiet_option, rope_options
+from .app import PATH, cli, echo_warnings, handle_errors, quiet_option, rope_options
 
 
 @cli.command("validate")
@@ -81,8 +81,7 @@ def validate_cmd(model_dir: Path, scales: Path, ggufs: tuple[Path, ...], base_gg
                       task=task, length=length, samples=samples, seed=seed,
                       allow_token_mismatch=allow_token_mismatch, progress=not quiet, rope=rope,
                       general_text=general_text, general_tokens=general_tokens)
-    for warning in report.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+    echo_warnings(report.warnings)
     click.echo(format_report(report))
     if json_out is not None:
         write_validation_json(json_out, report, force=force)

@@ -405,7 +405,8 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
     tensor_types: per-tensor types (parse_tensor_types). split_max_size (bytes): write llama.cpp's split
     parts of out_path's name (seal_gguf.gguffile.split). The result is checked before it is kept
     (check_written_gguf): no non-finite weights, and `warn` is told where llama.cpp stored a tensor in
-    another type than asked. Returns the file written (the first part of a split output)."""
+    another type than asked, and of a --tensor-type pattern that matches no tensor (warn_unmatched_patterns).
+    Returns the file written (the first part of a split output)."""
     in_path, out_path = Path(in_path), Path(out_path)
     plan = check_quant_options(qtype, imatrix, tensor_types)
     if plan.tensor_types and plan.qtype in FLOAT_TYPES:
@@ -421,13 +422,31 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
     from seal_gguf.gguffile.split import gguf_output  # imports gguf
 
     check_output_path(out_path, force, inputs=[in_path, imatrix])
-    with gguf_output(out_path, split_max_size, force=force, progress=progress, warn=warn) as out:
+    with gguf_output(out_path, split_max_size, force=force, progress=progress, warn=warn, inputs=[in_path]) as out:
+        warn_unmatched_patterns(in_path, plan.tensor_types, warn)
         try:
             run_quantizer(in_path.resolve(), out.path, plan, progress=progress, verbose=verbose)
         except EngineError as exc:  # the quantizer's reason rarely names the file it read
             raise EngineError(f"{in_path}: {exc}") from None
         check_written_gguf(out.path, plan, folded=_has_seal_keys(in_path), warn=warn)
     return out.written[0]
+
+
+def warn_unmatched_patterns(path: Path, tensor_types: TensorTypes | None,
+                            warn: Callable[[str], None] | None) -> None:
+    """Tell `warn` of each per-tensor pattern that matches none of the tensors llama.cpp's quantizer would
+    quantize in the GGUF at path (2-D and larger, in every part): llama-quantize applies such a pattern to
+    nothing and says nothing, so a misspelt one would go unnoticed."""
+    if warn is None or tensor_types is None or not tensor_types.overrides:
+        return
+    from seal_gguf.gguffile.split import read_gguf_parts  # imports gguf
+
+    names = [name for part in read_gguf_parts(path) for name, info in part.header.tensors.items()
+             if len(info.dims) >= 2]
+    for pattern, type_name in tensor_types.overrides:
+        if not any(re.search(pattern, name) for name in names):
+            warn(f"--tensor-type '{pattern}={type_name}' matches none of the model's {len(names)} tensors that "
+                 "llama.cpp quantizes: it changes nothing (the GGUF names them like blk.0.attn_v.weight)")
 
 
 def _has_seal_keys(path: Path) -> bool:

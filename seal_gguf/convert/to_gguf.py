@@ -43,6 +43,7 @@ from seal_gguf.convert.quantize import (
     run_engine,
     run_quantizer,
     warn_on_stderr,
+    warn_unmatched_patterns,
 )
 from seal_gguf.errors import EngineError, InputError, ScalesError, SealError
 from seal_gguf.fileio import check_output_path, no_room_error, sha256_file
@@ -90,20 +91,23 @@ def split_outtypes(outtype: str) -> list[str]:
     return names
 
 
-def output_paths(outtypes: Sequence[str], out: Path, model_dir: Path, folded: bool) -> dict[str, Path]:
-    """Where each type goes. `out` with {type} replaced by the type's name; else, for one type, `out`
-    itself; for several, an existing folder that gets {stem}-{type}.gguf, stem the model folder's name
-    (and -seal where scales are folded). Raises InputError where several types would share one file."""
-    out = Path(out)
-    if TYPE_FIELD in str(out):
-        return {name: Path(str(out).replace(TYPE_FIELD, name)) for name in outtypes}
+def output_paths(outtypes: Sequence[str], out: Path | str, model_dir: Path, folded: bool) -> dict[str, Path]:
+    """Where each type goes. `out` with {type} replaced by the type's name; else an existing folder (`out` as
+    given ending in a separator must be one) that gets {stem}-{type}.gguf, stem the model folder's name
+    (and -seal where scales are folded); else, for one type, `out` itself. Raises InputError for a folder
+    that does not exist, or where several types would share one file."""
+    given, out = str(out), Path(out)
+    if TYPE_FIELD in given:
+        return {name: Path(given.replace(TYPE_FIELD, name)) for name in outtypes}
+    if given.endswith(("/", os.sep)) and not out.is_dir():
+        raise InputError(f"{given}: output folder does not exist")
+    if out.is_dir():
+        stem = Path(model_dir).resolve().name + ("-seal" if folded else "")
+        return {name: out / f"{stem}-{name}.gguf" for name in outtypes}
     if len(outtypes) == 1:
         return {outtypes[0]: out}
-    if not out.is_dir():
-        raise InputError(f"{out}: with several --outtype types, -o is an existing folder or a file name with "
-                         f"{TYPE_FIELD} in it (e.g. model-seal-{TYPE_FIELD}.gguf)")
-    stem = Path(model_dir).resolve().name + ("-seal" if folded else "")
-    return {name: out / f"{stem}-{name}.gguf" for name in outtypes}
+    raise InputError(f"{out}: with several --outtype types, -o is an existing folder or a file name with "
+                     f"{TYPE_FIELD} in it (e.g. model-seal-{TYPE_FIELD}.gguf)")
 
 
 def output_plan(outtype: str, imatrix: Path | None,
@@ -441,8 +445,9 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", scale
     checked here before the file is kept. tensor_types: per-tensor types for the quantizer
     (seal_gguf.convert.quantize.parse_tensor_types). The written GGUF is checked for non-finite weights
     before it is kept, and `warn` is told where llama.cpp stores a tensor in another type than asked for,
-    or when the scales were learned on another checkpoint and --force folds them anyway. split_max_size
-    (bytes) writes llama.cpp's split parts of out_path's name (seal_gguf.gguffile.split.gguf_output).
+    of a --tensor-type pattern that matches no tensor, or when the scales were learned on another
+    checkpoint and --force folds them anyway. split_max_size (bytes) writes llama.cpp's split parts of
+    out_path's name (seal_gguf.gguffile.split.gguf_output).
     Returns the file written (the first part of a split output).
     """
     return convert_to_ggufs(model_dir, {outtype: out_path}, scales, imatrix=imatrix, tensor_types=tensor_types,
@@ -469,9 +474,11 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
     made from the same model and options, which the file does not record; `force` makes every output
     again. Any other existing output is refused (OutputExistsError) before any work. `report(type, path, written)` is told of each output as it is
     finished (written=True) or kept (False). split_max_size (bytes): each output is written as llama.cpp's
-    split parts of its name (gguf_output); split outputs are never kept from an earlier run, and parts
-    already there are refused before any work unless `force`. Returns the files written, in the order of
-    `outputs` (for a split output its first part).
+    split parts of its name (gguf_output); split outputs are never kept from an earlier run. Split parts of an
+    output's name already there, of any count, are refused before any work unless `force`; with `force`, once
+    an output is complete, what an earlier run left under its name is removed (a set of another count, the
+    single file its parts replace). Returns the files written, in the order of `outputs` (for a split output
+    its first part).
     """
     from seal_gguf.gguffile.split import check_no_parts, gguf_output  # imports gguf
 
@@ -515,8 +522,7 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
     todo = {name: path for name, path in outputs.items() if name not in kept}
     for path in todo.values():  # before fetching the converter, which can take a while
         check_output_path(path, force, inputs=[scales, imatrix])
-        if split_max_size is not None:
-            check_no_parts(path, force)
+        check_no_parts(path, force)
     written = dict(outputs)
     for name in kept:
         if report is not None:
@@ -552,6 +558,7 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
                     if rope is not None:
                         check_gguf_extension(mid, config, rope)
                     check_written_gguf(mid, None, folded=scales is not None)
+                    warn_unmatched_patterns(mid, tensor_types, warn)
                     for name in order:
                         plan = routes[name]
                         with output(name) as out:

@@ -47,10 +47,12 @@ from seal_gguf.gguffile.header import FIXED_HEADER, GGUFHeader, kv_pair
 from seal_gguf.gguffile.split import (
     GGUFPart,
     atomic_outputs,
+    check_no_parts,
     copy_range,
     part_paths,
     plan_split,
     read_gguf_parts,
+    remove_replaced,
     split_gguf,
 )
 from seal_gguf.model.architectures import ModelLayout, arch_specs
@@ -314,11 +316,12 @@ def fold_gguf(in_path: Path, scales_path: Path, out_path: Path, force: bool = Fa
     the scales and the source GGUF's sha256 (of its parts in order, for a split GGUF).
     in_path may be the first part of a split GGUF (NAME-00001-of-0000N.gguf): the output has the same
     parts, named after out_path (OUT-00001-of-0000N.gguf ...). split_max_size (bytes) writes the output
-    as parts of at most that much tensor data instead (seal_gguf.gguffile.split). Raises InputError
-    (not a GGUF, a split GGUF's part missing or not the first, truncated), ArchitectureError (an
-    architecture or layout seal-gguf cannot fold), ScalesError (scales that do not fit, or from another
-    checkpoint on an F32 GGUF unless force), AlreadyFoldedError (the GGUF already carries scales,
-    unless force), OutputExistsError, EngineError (llama.cpp's quantizer)."""
+    as parts of at most that much tensor data instead (seal_gguf.gguffile.split). With force, once the
+    output is complete, what an earlier run left under out_path's name is removed (remove_replaced).
+    Raises InputError (not a GGUF, a split GGUF's part missing or not the first, truncated),
+    ArchitectureError (an architecture or layout seal-gguf cannot fold), ScalesError (scales that do not
+    fit, or from another checkpoint on an F32 GGUF unless force), AlreadyFoldedError (the GGUF already
+    carries scales, unless force), OutputExistsError, EngineError (llama.cpp's quantizer)."""
     in_path, scales_path, out_path = Path(in_path), Path(scales_path), Path(out_path)
     parts = read_gguf_parts(require_gguf(in_path))
     header, raw_header = parts[0].header, parts[0].raw
@@ -326,8 +329,10 @@ def fold_gguf(in_path: Path, scales_path: Path, out_path: Path, force: bool = Fa
     scales = read_scales(scales_path)
     plan = None if split_max_size is None else plan_split(parts, split_max_size)  # folding keeps every size
     outs = part_paths(out_path, len(parts) if plan is None else len(plan.groups))
+    inputs = [*(part.path for part in parts), scales_path]
     for out in outs:
-        check_output_path(out, force, inputs=[*(part.path for part in parts), scales_path])
+        check_output_path(out, force, inputs=inputs)
+    check_no_parts(out_path, force, inputs)
     layout = gguf_layout(header, in_path, scales.model_type)
     check_against(scales, layout, str(scales_path))
     targets = attn_output_targets(parts, layout, in_path)
@@ -354,6 +359,8 @@ def fold_gguf(in_path: Path, scales_path: Path, out_path: Path, force: bool = Fa
             write_folded(parts, folded, targets, fold, new_header, progress)
             outs = list(split_gguf(folded[0], out_path, split_max_size, force=force, progress=progress).paths)
         warnings += plan.warnings
+    if force:
+        remove_replaced(out_path, outs, inputs)
     types = sorted({t.qtype for t in targets})
     return FoldGGUFResult(outs[0], layout.num_layers, tuple(t.name for t in types),
                           tuple(t.name for t in types if t in LLAMA_CPP_TYPES), peak, tuple(outs), tuple(warnings))

@@ -1,5 +1,5 @@
 """Opening a GGUF in llama.cpp (llama-cpp-python): the one place that constructs `Llama`, with one
-error mapping (a file llama.cpp cannot load is an InputError naming it).
+error mapping (load_error: a file llama.cpp cannot load is an InputError naming it).
 
 Two ways to run a model:
 - generating (eval, chat): llama.cpp's own defaults, flash attention as its tools use it;
@@ -45,7 +45,28 @@ def load_llama(path: Path, n_ctx: int, *, exact: bool = False, logits_all: bool 
     try:
         return Llama(str(path), **kwargs)
     except (ValueError, RuntimeError, OSError) as exc:
-        raise InputError(f"{path}: llama.cpp cannot load this GGUF ({first_line(exc)})") from None
+        raise load_error(path, exc) from None
+
+
+def load_error(path: Path, exc: BaseException) -> InputError:
+    """The error for a GGUF that llama.cpp failed to load with `exc`: for a split GGUF given by a part other
+    than the first, or whose parts are missing or from different splits, what read_gguf_parts says
+    (llama.cpp only says that it failed); else llama.cpp's own reason."""
+    from seal_gguf.gguffile.header import read_gguf_header  # imports gguf
+    from seal_gguf.gguffile.split import SPLIT_PREFIX, read_gguf_parts
+
+    cannot = InputError(f"{path}: llama.cpp cannot load this GGUF ({first_line(exc)})")
+    try:
+        header, _ = read_gguf_header(Path(path))
+    except InputError:  # not even its header reads: llama.cpp's reason stands
+        return cannot
+    if not any(key.startswith(SPLIT_PREFIX) for key in header.kv):
+        return cannot
+    try:
+        read_gguf_parts(Path(path))
+    except InputError as found:
+        return found
+    return cannot
 
 
 @contextmanager

@@ -14,11 +14,11 @@ header reader (gguf-py's GGUFReader takes 10-40 s per file here on the vocabular
 
 from __future__ import annotations
 
-import glob
+import os
 import re
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,14 +89,30 @@ def format_size(n_bytes: int) -> str:
     return f"{n_bytes} bytes"
 
 
+def _split_stem(path: Path) -> str:
+    """NAME in the part names NAME-0000k-of-0000N.gguf of a GGUF named `path` (a part's name gives its own)."""
+    return PART_NAME.sub("", path.name).removesuffix(".gguf")
+
+
 def part_paths(path: Path, count: int) -> list[Path]:
     """The files of a GGUF named `path` written in `count` parts: [path] for one, else
     NAME-00001-of-0000N.gguf ... (a path that is already a part's name gives its own NAME)."""
     path = Path(path)
     if count == 1:
         return [path]
-    stem = PART_NAME.sub("", path.name).removesuffix(".gguf")
-    return [path.with_name(SHARD_NAME_FORMAT.format(stem, k, count)) for k in range(1, count + 1)]
+    return [path.with_name(SHARD_NAME_FORMAT.format(_split_stem(path), k, count)) for k in range(1, count + 1)]
+
+
+def written_files(path: Path) -> tuple[Path, ...]:
+    """The files of the GGUF just written whose first file is `path` (gguf_output, split_gguf): all the parts
+    when `path` is a first part NAME-00001-of-0000N.gguf and every part is there, else `path` alone. Read from
+    the names, as llama.cpp finds parts, not from the headers (their vocabulary takes seconds to walk)."""
+    path = Path(path)
+    match = PART_NAME.search(path.name)
+    if match is None or int(match.group(1)) != 1:
+        return (path,)
+    parts = part_paths(path, int(match.group(2)))
+    return tuple(parts) if all(part.is_file() for part in parts) else (path,)
 
 
 def _split_value(header: GGUFHeader, key: str) -> int | None:
@@ -280,40 +296,73 @@ class PendingGGUF:
     written: tuple[Path, ...] = field(default=())
 
 
-def check_no_parts(out_path: Path, force: bool) -> None:
-    """Refuse, before any work, split parts of out_path's name left by an earlier run (their count is
-    known only once the GGUF is written). Raises OutputExistsError unless force."""
+def _parts_of_name(out_path: Path) -> list[Path]:
+    """The files in out_path's folder named as split parts of out_path's GGUF, of any count: exactly
+    NAME-0000k-of-0000N.gguf, NAME as part_paths makes it."""
+    name = re.compile(re.escape(_split_stem(out_path)) + r"-\d{5}-of-\d{5}\.gguf")
+    folder = out_path.parent
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if name.fullmatch(path.name) and path.is_file())
+
+
+def _input_files(inputs: Iterable[Path | None]) -> set[str]:
+    """Every file of the inputs, a split input's parts found by their names: what is never replaced."""
+    files = set()
+    for given in (Path(p) for p in inputs if p is not None):
+        match = PART_NAME.search(given.name)
+        files.update(os.path.realpath(p) for p in part_paths(given, int(match.group(2)) if match else 1))
+    return files
+
+
+def check_no_parts(out_path: Path, force: bool, inputs: Iterable[Path | None] = ()) -> None:
+    """Refuse, before any work, split parts of out_path's name left by an earlier run, of any count (their
+    count is known only once the GGUF is written). Raises OutputExistsError unless force; the inputs' files
+    do not count."""
     out_path = Path(out_path)
-    stem = out_path.name.removesuffix(".gguf")
-    found = sorted(p for p in out_path.parent.glob(f"{glob.escape(stem)}-*-of-*.gguf") if PART_NAME.search(p.name))
+    keep = _input_files(inputs)
+    found = [p for p in _parts_of_name(out_path) if p != out_path and os.path.realpath(p) not in keep]
     if found and not force:
         raise OutputExistsError(f"{found[0]} exists (a part of an earlier split output); use --force to replace it")
 
 
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
+def remove_replaced(out_path: Path, written: Sequence[Path], inputs: Iterable[Path | None] = ()) -> None:
+    """Once out_path's GGUF is complete as `written` (--force): remove what an earlier run left under
+    out_path's name that it replaces, so that no set of another count, or plain file beside new parts, is
+    taken for it: out_path and parts of its name that are not `written`. The inputs' files stay."""
+    out_path = Path(out_path)
+    keep = _input_files(inputs) | {os.path.realpath(p) for p in written}
+    for path in [out_path, *_parts_of_name(out_path)]:
+        if path.is_file() and os.path.realpath(path) not in keep:
+            path.unlink(missing_ok=True)
 
 
 @contextmanager
 def gguf_output(out_path: Path, split_max_size: int | None = None, *, force: bool = False, progress: bool = True,
-                warn: Callable[[str], None] | None = None) -> Iterator[PendingGGUF]:
+                warn: Callable[[str], None] | None = None,
+                inputs: Iterable[Path | None] = ()) -> Iterator[PendingGGUF]:
     """Where a GGUF is written before it is kept: a temporary file that becomes out_path (atomic_file), or
     with split_max_size (bytes) a temporary file in a temporary folder beside out_path that is then
     written as llama.cpp's parts of out_path's name (split_gguf; `warn` is told of its warnings). An
-    error or Ctrl-C leaves neither. Raises OutputExistsError (out_path or a part exists, unless force)."""
+    error or Ctrl-C leaves neither. With force, once the output is complete, what an earlier run left under
+    out_path's name is removed (remove_replaced; `inputs` are kept). Raises OutputExistsError (out_path or
+    a part of its name exists, unless force)."""
     out_path = Path(out_path)
+    check_no_parts(out_path, force, inputs)
     if split_max_size is None:
         with atomic_file(out_path, force=force) as tmp:
             pending = PendingGGUF(tmp)
             yield pending
         pending.written = (out_path,)
-        return
-    check_no_parts(out_path, force)
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent or ".") as folder:
-        pending = PendingGGUF(Path(folder) / out_path.name)
-        yield pending
-        result = split_gguf(pending.path, out_path, split_max_size, force=force, progress=progress)
-    pending.written = result.paths
+        warnings: tuple[str, ...] = ()
+    else:
+        with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent or ".") as folder:
+            pending = PendingGGUF(Path(folder) / out_path.name)
+            yield pending
+            result = split_gguf(pending.path, out_path, split_max_size, force=force, progress=progress)
+        pending.written, warnings = result.paths, result.warnings
+    if force:
+        remove_replaced(out_path, pending.written, inputs)
     if warn is not None:
-        for message in result.warnings:
+        for message in warnings:
             warn(message)

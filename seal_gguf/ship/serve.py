@@ -19,7 +19,8 @@ from typing import Any
 
 from seal_gguf.constants import FLASH_ATTENTION
 from seal_gguf.errors import EngineError, InputError
-from seal_gguf.fileio import first_line, require_gguf
+from seal_gguf.fileio import require_gguf
+from seal_gguf.gguffile.llama import load_error
 from seal_gguf.gguffile.metadata import read_gguf_facts
 from seal_gguf.ship.provenance import default_context, find_recipe
 
@@ -123,7 +124,7 @@ class LlamaServer:
                              model_settings=[settings])
         except (ValueError, RuntimeError, OSError) as exc:
             self.sock.close()
-            raise InputError(f"{plan.model}: llama.cpp cannot load this GGUF ({first_line(exc)})") from None
+            raise load_error(plan.model, exc) from None
         except BaseException:
             self.sock.close()
             raise
