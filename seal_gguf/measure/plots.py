@@ -106,7 +106,7 @@ class HeadGrid:
     """One layers x heads heat map: values [layers, heads], coloured by their distance from center."""
 
     title: str
-    values: Any  # torch.Tensor or nested lists, [layers, heads]
+    values: Any  # torch.Tensor or nested lists, [layers, heads]; NaN (not measured) is drawn blank
     center: float
     label: str  # colour bar label
     cmap: str = "RdBu_r"  # diverging: red above center, blue below
@@ -135,8 +135,9 @@ def plot_head_grids(grids: Sequence[HeadGrid], path: Path, title: str, columns: 
             ax.set_visible(False)
         for ax, grid in zip(axes.flat, grids, strict=False):
             values = [[float(v) for v in row] for row in grid.values]
-            # all values at the center (e.g. no ablation flips an answer): a plain unit scale, not a degenerate one
-            spread = max(abs(v - grid.center) for row in values for v in row) or 1.0
+            # all values at the center (e.g. no ablation flips an answer): a plain unit scale, not a degenerate one;
+            # NaN (not measured) is left blank
+            spread = max((abs(v - grid.center) for row in values for v in row if not math.isnan(v)), default=0.0) or 1.0
             image = ax.imshow(values, cmap=grid.cmap, vmin=grid.center - spread, vmax=grid.center + spread,
                               aspect="auto", interpolation="nearest")
             ax.set_xticks(range(heads))
