@@ -288,7 +288,7 @@ def test_cli_mixture_and_paper_recipe(llama: Path, tmp_path: Path) -> None:
                                       "--eval-samples", "0", "--general-tokens", "0", "-q"])
     assert result.exit_code == 0, result.output
     assert "Anchor:" not in result.output and "general text" not in result.output
-    assert "warning: --anchor-weight 0 turns the anchor off" in result.stderr
+    assert "Warning: --anchor-weight 0 turns the anchor off" in result.stderr
     meta = load_scales(paper, model_layout(llama)).metadata
     assert meta[ScalesMeta.ANCHOR_WEIGHT] == "0" and ScalesMeta.GENERAL_PPL_RATIO not in meta
     assert meta[ScalesMeta.TASK] == "lines,kv" and meta[ScalesMeta.LENGTH] == str(max(c.length for c in cases))

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import click
 import torch
-from exp_heads import spearman
 
 from benchlib import BENCHMARKS, append_section, machine, smollm2_gguf
+from exp_heads import spearman
 
 TOP = 10  # heads compared by the top overlap
 

@@ -1,6 +1,6 @@
 """How learned SEAL scales relate to head ablation: correlate a `seal-gguf heads` CSV with scales files.
 
-    seal-gguf heads /tmp/w/smol -o heads.csv --plot heads.png --length 1024 --samples 2
+    seal-gguf heads /tmp/w/smol -o heads.csv --plot heads.png --mode exact --length 1024 --samples 2
     python tools/exp_heads.py heads.csv seal_gguf/bundled/smollm2-135m-instruct-seal-h.safetensors \
         seal_gguf/bundled/smollm2-135m-instruct-seal-c.safetensors [--compare heads-512.csv]
 
@@ -63,6 +63,8 @@ def read_effects(path: Path) -> tuple[dict[float, dict[str, np.ndarray]], dict[s
     """{factor: {delta_loss, delta_accuracy: [layers, heads]}} and the baseline of a heads CSV."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    if any(not r.get("delta_loss") for r in rows):
+        raise SystemExit(f"{path}: not every head was ablated; make the CSV with `seal-gguf heads --mode exact`")
     layers = 1 + max(int(r["layer"]) for r in rows)
     heads = 1 + max(int(r["head"]) for r in rows)
     out: dict[float, dict[str, np.ndarray]] = {}

@@ -32,7 +32,7 @@ from seal_gguf.model.rope import rope_for_model
 from seal_gguf.scales import save_scales
 from seal_gguf.tasks import make_mixture, parse_tasks
 
-from .app import PATH, cli, force_option, handle_errors, quiet_option, rope_options
+from .app import PATH, cli, echo_warnings, force_option, handle_errors, quiet_option, rope_options
 
 
 def _accuracy(result: tuple[int, int] | None) -> str:
@@ -116,8 +116,7 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
     """
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
     if anchor_weight == 0 and (anchor_text is not None or cache_teacher):
-        click.echo("warning: --anchor-weight 0 turns the anchor off: --anchor-text and --cache-teacher have no "
-                   "effect", err=True)
+        echo_warnings(["--anchor-weight 0 turns the anchor off: --anchor-text and --cache-teacher have no effect"])
     # refuse existing outputs before the long work, not after it
     check_output_path(output, force, inputs=[cases_file, anchor_text])
     if save_cases_file is not None:
