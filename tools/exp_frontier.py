@@ -77,9 +77,10 @@ def parse_points(spec: str) -> list[tuple[str, float]]:
 
 
 def series(row: dict) -> tuple[str, str, str]:
-    """The recipe a frontier row belongs to: (granularity, lr schedule, training cases)."""
+    """The recipe a frontier row belongs to: (granularity, lr schedule, training cases and their lengths)."""
     # CSVs from before the schedule existed have no column: their rows were trained at a constant rate
-    return row["granularity"], row.get("lr_schedule") or "constant", str(row["samples"])
+    lengths = f"{row['min_length']}-{row['length']}" if row.get("min_length") else str(row["length"])
+    return row["granularity"], row.get("lr_schedule") or "constant", f"{row['samples']} cases of {lengths} tokens"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -95,9 +96,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         # one line per recipe: granularity, schedule and number of cases; λ along it
         for recipe in dict.fromkeys(series(r) for r in rows if r["granularity"]):
             pts = sorted((float(r[key]), float(r["heldout_accuracy"]), r) for r in rows if series(r) == recipe)
-            g, schedule, samples = recipe
+            g, schedule, cases = recipe
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[g], linestyle=":",
-                    label=f"{GRANULARITY_LABEL[g]}, {schedule} lr, {samples} cases")
+                    label=f"{GRANULARITY_LABEL[g]}, {schedule} lr, {cases}")
             for x, y, r in pts:
                 ax.annotate(f"λ={float(r['anchor_weight']):g}", (x, y), textcoords="offset points", xytext=(4, 4),
                             fontsize=8)
@@ -253,7 +254,7 @@ def report(rows: list[dict], work: Path, command: str, samples: int, tasks: str,
            no_append: bool) -> None:
     png = work / "frontier.png"
     plot(rows, png, f"SmolLM2-135M-Instruct: held-out lines at {eval_length} tokens (n={eval_samples}) vs "
-                    f"general-text cost ({general_tokens} tokens); trained on {tasks} cases at {length}")
+                    f"general-text cost ({general_tokens} tokens); trained on {tasks} cases")
     click.echo(f"Wrote {png}")
     if no_append:
         return
