@@ -360,6 +360,7 @@ def test_heads_cli_errors(llama: Path, tmp_path: Path) -> None:
     fresh = tmp_path / "fresh.csv"
     for args, message in (
         (["--plot", str(tmp_path / "heads.jpg")], "plot file must end in"),
+        (["--plot", str(fresh)], "the CSV and the --plot are the same file"),
         (["--factors", "0,1"], "baseline"),
         (["--length", "5"], "too short"),
         (["--exact", "0"], "--exact 0: give 1 to 12 heads"),

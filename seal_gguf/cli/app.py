@@ -86,7 +86,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     \b
     Typical flow:
       seal-gguf import-gguf SmolLM2.gguf smol/          # or start from any HF folder
-      seal-gguf train smol/ -o scales.safetensors       # learn SEAL-H scales
+      seal-gguf train smol/ -o scales.safetensors       # learn SEAL-C scales
       seal-gguf fold-and-convert smol/ scales.safetensors -o smol-seal.gguf --outtype q8_0
       seal-gguf validate smol/ scales.safetensors smol-seal.gguf
       seal-gguf chat smol-seal.gguf

@@ -10,6 +10,7 @@ import torch
 
 from seal_gguf.cases import TASKS
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_HEAD
+from seal_gguf.errors import InputError
 from seal_gguf.fileio import check_output_path
 from seal_gguf.measure.heads import (
     DEFAULT_BATCH_SIZE,
@@ -83,6 +84,8 @@ def heads(model_dir: Path, output: Path, plot_out: Path | None, mode: str, exact
     chosen = parse_factors(factors)
     check_output_path(output, force)
     if plot_out is not None:
+        if plot_out.resolve() == output.resolve():
+            raise InputError(f"{output}: the CSV and the --plot are the same file; give the plot another name")
         check_plot_path(plot_out, force)
     report = head_effects(model_dir, task=task, length=length, samples=samples, seed=seed, factors=chosen,
                           granularity=granularity, mode=mode, exact_top=exact_top, batch_size=batch_size,
@@ -105,7 +108,9 @@ def _extremes(values: torch.Tensor) -> str:
     """Where `values` (changes in loss, NaN: not measured) rise and fall most."""
     up, down = (tuple(int(i) for i in torch.unravel_index(pick(values.nan_to_num(nan=unmeasured)), values.shape))
                 for pick, unmeasured in ((torch.argmax, -math.inf), (torch.argmin, math.inf)))
-    return f"loss up most {_name(up)} ({values[up].item():+.4f}), down most {_name(down)} ({values[down].item():+.4f})"
+    rise, fall = values[up].item(), values[down].item()
+    low = f"down most {_name(down)} ({fall:+.4f})" if fall < 0 else f"none down, least up {_name(down)} ({fall:+.4f})"
+    return f"loss up most {_name(up)} ({rise:+.4f}), {low}"
 
 
 def _summary(report: HeadsReport) -> list[str]:
@@ -128,11 +133,13 @@ def _summary(report: HeadsReport) -> list[str]:
             same_sign = int((exact[ablated].sign() == estimate[ablated].sign()).sum())
             lines.append(f"  {what}, exact: {_extremes(exact)}; {int((exact < 0).sum())} of {int(ablated.sum())} "
                          f"heads lower the loss, {changed} change the accuracy; the estimate has the exact change's "
-                         f"sign for {same_sign}")
+                         f"sign for {same_sign} of {int(ablated.sum())}")
     if ablated.any():
         lines.insert(2, f"Exact: {int(ablated.sum())} heads x {len(report.factors)} factor(s) in "
                         f"{report.ablation_seconds:.0f} s ({report.ablation_seconds / report.cases:.1f} s per case)")
-    else:
+    elif report.granularity == GRANULARITY_HEAD:
         lines.append("Accuracy has no first-order estimate (its CSV columns are empty); --exact TOP_K or --mode exact "
                      "measures it for ablated heads.")
+    else:
+        lines.append("Accuracy has no first-order estimate; exact ablation (--exact, --mode exact) is per head.")
     return lines

@@ -166,7 +166,7 @@ def exact_head_count(layout: ModelLayout, granularity: str, mode: str, exact_top
                          "give one of them")
     if granularity != GRANULARITY_HEAD and (mode == MODE_EXACT or exact_top is not None):
         raise InputError(f"--granularity {granularity} is measured by attribution only; exact ablation "
-                         "(--mode exact, --exact) is per head: add --granularity head")
+                         "(--mode exact, --exact) is per head: drop --granularity channel")
     if mode == MODE_EXACT:
         return total
     if exact_top is not None and not 1 <= exact_top <= total:
