@@ -37,27 +37,32 @@ def exit_interrupted(exc: BaseException) -> NoReturn:
     sys.exit(128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT))
 
 
+COMMAND_PATH = "seal_gguf.command_path"  # ctx.meta key: the subcommand being run, for usage errors without a context
+
+
 class OneLineUsageError(click.UsageError):
     """A usage error of click's (a bad option value, a missing argument, an unknown command) shown as one
     line, as the library's errors are, with where to find the usage instead of the usage itself."""
 
-    def __init__(self, error: click.UsageError) -> None:
+    def __init__(self, error: click.UsageError, command_path: str | None = None) -> None:
         super().__init__(error.format_message(), error.ctx)
+        # click's parser raises some errors (an option missing its value) without the command's context
+        self.command_path = error.ctx.command_path if error.ctx is not None else command_path
 
     def show(self, file: Any = None) -> None:
         message = " ".join(line.strip() for line in self.format_message().splitlines() if line.strip())
-        hint = f" (see {self.ctx.command_path} --help)" if self.ctx is not None else ""
+        hint = f" (see {self.command_path} --help)" if self.command_path else ""
         click.echo(f"Error: {message}{hint}", file=file, err=True)
 
 
 @contextmanager
-def _one_line_errors() -> Iterator[None]:
+def _one_line_errors(root: click.Context | None = None) -> Iterator[None]:
     try:
         yield
     except (click.exceptions.NoArgsIsHelpError, OneLineUsageError):  # the first is `seal-gguf` alone: its help
         raise
     except click.UsageError as exc:
-        raise OneLineUsageError(exc) from None
+        raise OneLineUsageError(exc, root.meta.get(COMMAND_PATH) if root is not None else None) from None
     except (KeyboardInterrupt, click.Abort) as exc:  # outside a command, e.g. while its arguments are read
         exit_interrupted(exc)
 
@@ -71,8 +76,13 @@ class SealGroup(click.Group):
         with _one_line_errors():
             return super().make_context(info_name, args, parent, **extra)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta[COMMAND_PATH] = f"{ctx.command_path} {name}"
+        return name, command, rest
+
     def invoke(self, ctx: click.Context) -> Any:
-        with _one_line_errors():  # the command's own arguments are parsed here
+        with _one_line_errors(ctx):  # the command's own arguments are parsed here
             return super().invoke(ctx)
 
 
