@@ -308,7 +308,7 @@ def _parts_of_name(out_path: Path) -> list[Path]:
 
 def _input_files(inputs: Iterable[Path | None]) -> set[str]:
     """Every file of the inputs, a split input's parts found by their names: what is never replaced."""
-    files = set()
+    files: set[str] = set()
     for given in (Path(p) for p in inputs if p is not None):
         match = PART_NAME.search(given.name)
         files.update(os.path.realpath(p) for p in part_paths(given, int(match.group(2)) if match else 1))
