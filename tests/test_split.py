@@ -261,12 +261,24 @@ def test_bad_parts_refused(base: Path, parts: list[Path], scales: Path, tmp_path
     refused(["fold-gguf", parts[0], scales, "-o", out], "already exists (use --force", tmp_path, parts)
 
 
-def test_a_later_part_is_refused_by_name(parts: list[Path]) -> None:
-    """llama.cpp loads a split GGUF from its first part: given another, chat (and all that loads a GGUF in
-    llama.cpp) says which to give instead of that llama.cpp failed."""
+@pytest.mark.parametrize("command", [
+    ["chat", "{part}", "--prompt", "hi"],
+    ["inspect", "{part}"],
+    ["card", "{part}", "-o", "{tmp}/card.md"],
+    ["ollama", "{part}", "-o", "{tmp}/Modelfile"],
+    ["serve", "{part}"],
+    ["eval", "{part}", "--samples", "1"],
+    ["quantize", "{part}", "{tmp}/out.gguf", "q8_0"],
+    ["import-gguf", "{part}", "{tmp}/imported"],
+], ids=lambda command: command[0])
+def test_a_later_part_is_refused_by_name(parts: list[Path], command: list[str], tmp_path: Path) -> None:
+    """llama.cpp loads a split GGUF from its first part, which holds the metadata: given another, every
+    command that reads a GGUF as a model says which to give instead (not that the file has no architecture,
+    chat template or SEAL keys, nor that llama.cpp failed), and writes nothing."""
     n = len(parts)
-    one_line_error(invoke("chat", parts[1], "--prompt", "hi"),
-                   f"{parts[1]}: part 2 of {n} of a split GGUF; give the first part, {parts[0].name}")
+    args = [arg.format(part=parts[1], tmp=tmp_path) for arg in command]
+    one_line_error(invoke(*args), f"{parts[1]}: part 2 of {n} of a split GGUF; give the first part, {parts[0].name}")
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(InputError, match=f"part 3 of {n} of a split GGUF"):
         ChatSession(parts[2])
 

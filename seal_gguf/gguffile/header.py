@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import math
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, Keys
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    SHARD_NAME_FORMAT,
+    GGMLQuantizationType,
+    GGUFValueType,
+    Keys,
+)
 
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import GGUF_MAGIC
@@ -28,6 +36,8 @@ SHORT_STRING_ARRAY = 64
 # magic, version, tensor count, KV count
 FIXED_HEADER = struct.Struct("<4sIQQ")
 GGUF_VERSIONS = (2, 3)  # version 1 stored lengths as uint32
+# NAME-00001-of-00003.gguf: part 1 of 3 of a split GGUF (gguf-py's SHARD_NAME_FORMAT, llama.cpp's llama_split_path)
+PART_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 # GGUF scalar types -> struct formats (little-endian)
 SCALAR_FORMATS = {
     GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
@@ -159,10 +169,47 @@ def read_gguf_header(path: Path) -> tuple[GGUFHeader, bytes]:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def split_position(header: GGUFHeader) -> tuple[int, int]:
+    """(part number from 1, part count) of a GGUF written as llama.cpp's split parts (split.no, split.count);
+    (1, 1) for a plain GGUF."""
+    def number(key: str) -> int | None:
+        entry = header.kv.get(key)
+        return entry.value if entry is not None and isinstance(entry.value, int) else None
+
+    count = number(Keys.Split.LLM_KV_SPLIT_COUNT) or 1
+    return (number(Keys.Split.LLM_KV_SPLIT_NO) or 0) + 1 if count > 1 else 1, count
+
+
+def split_stem(path: Path) -> str:
+    """NAME in the part names NAME-0000k-of-0000N.gguf of a GGUF named `path` (a part's name gives its own)."""
+    return PART_NAME.sub("", path.name).removesuffix(".gguf")
+
+
+def part_paths(path: Path, count: int) -> list[Path]:
+    """The files of a GGUF named `path` written in `count` parts: [path] for one, else
+    NAME-00001-of-0000N.gguf ... (a path that is already a part's name gives its own NAME)."""
+    path = Path(path)
+    if count == 1:
+        return [path]
+    return [path.with_name(SHARD_NAME_FORMAT.format(split_stem(path), k, count)) for k in range(1, count + 1)]
+
+
+def read_model_header(path: Path) -> tuple[GGUFHeader, bytes]:
+    """read_gguf_header of a GGUF given as a model. Raises InputError for a split GGUF's part other than
+    the first: the model's metadata is in the first part, and llama.cpp loads a split GGUF only from there."""
+    header, raw = read_gguf_header(path)
+    number, count = split_position(header)
+    if number != 1:
+        raise InputError(f"{path}: part {number} of {count} of a split GGUF; give the first part, "
+                         f"{part_paths(Path(path), count)[0].name}")
+    return header, raw
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """{key: value} of the GGUF's KV pairs: scalars, numeric arrays and short string arrays
-    (long string arrays, such as the vocabulary, are left out: see string_array)."""
-    header, _ = read_gguf_header(path)
+    (long string arrays, such as the vocabulary, are left out: see string_array). Raises InputError
+    (read_model_header) for a split GGUF's later part."""
+    header, _ = read_model_header(path)
     return {key: entry.value for key, entry in header.kv.items() if entry.value is not None}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from seal_gguf.constants import CHAT_TEMPLATE_KEY, GGUF_RECIPE_KEYS, GGUF_SEAL_PREFIX, GGUFKeys
 from seal_gguf.fileio import require_file, require_gguf
-from seal_gguf.gguffile.header import read_gguf_header, read_metadata, string_array
+from seal_gguf.gguffile.header import read_metadata, read_model_header, string_array
 
 TOKENS_KEY = "tokenizer.ggml.tokens"  # gguf-py: Keys.Tokenizer.LIST
 HF_URL = re.compile(r"^https?://huggingface\.co/(?P<repo>[\w.-]+/[\w.-]+)/?$")
@@ -100,7 +100,7 @@ class GGUFFacts:
 def read_gguf_facts(path: Path) -> GGUFFacts:
     """The GGUF's metadata (scalars, numeric arrays, short string arrays) and its BOS / EOS token texts."""
     path = require_gguf(Path(path))
-    header, raw = read_gguf_header(path)
+    header, raw = read_model_header(path)
     metadata = {key: entry.value for key, entry in header.kv.items() if entry.value is not None}
     tokens_entry = header.kv.get(TOKENS_KEY)
     tokens = string_array(raw, tokens_entry) if tokens_entry is not None else []

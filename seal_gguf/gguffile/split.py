@@ -24,22 +24,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gguf import GGUF_DEFAULT_ALIGNMENT, SHARD_NAME_FORMAT, GGUFValueType, Keys
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFValueType, Keys
 from tqdm import tqdm
 
 from seal_gguf.errors import InputError, OutputExistsError
 from seal_gguf.fileio import atomic_file, check_output_path
 from seal_gguf.gguffile.header import (
     FIXED_HEADER,
+    PART_NAME,
     GGUFHeader,
     kv_pair,
+    part_paths,
     read_gguf_header,
+    read_model_header,
+    split_position,
+    split_stem,
     tensor_bytes,
     tensor_info,
 )
 
-# NAME-00001-of-00003.gguf: part 1 of 3 (gguf-py's SHARD_NAME_FORMAT, llama.cpp's llama_split_path)
-PART_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 # sizes as convert_hf_to_gguf.py reads --split-max-size (gguf-split takes the M and G forms): 1000-based
 SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3}
@@ -89,20 +92,6 @@ def format_size(n_bytes: int) -> str:
     return f"{n_bytes} bytes"
 
 
-def _split_stem(path: Path) -> str:
-    """NAME in the part names NAME-0000k-of-0000N.gguf of a GGUF named `path` (a part's name gives its own)."""
-    return PART_NAME.sub("", path.name).removesuffix(".gguf")
-
-
-def part_paths(path: Path, count: int) -> list[Path]:
-    """The files of a GGUF named `path` written in `count` parts: [path] for one, else
-    NAME-00001-of-0000N.gguf ... (a path that is already a part's name gives its own NAME)."""
-    path = Path(path)
-    if count == 1:
-        return [path]
-    return [path.with_name(SHARD_NAME_FORMAT.format(_split_stem(path), k, count)) for k in range(1, count + 1)]
-
-
 def written_files(path: Path) -> tuple[Path, ...]:
     """The files of the GGUF just written whose first file is `path` (gguf_output, split_gguf): all the parts
     when `path` is a first part NAME-00001-of-0000N.gguf and every part is there, else `path` alone. Read from
@@ -125,15 +114,11 @@ def read_gguf_parts(path: Path) -> list[GGUFPart]:
     all its parts, found by their names as llama.cpp finds them. Raises InputError (a part other
     than the first, a part missing, parts that disagree: from different splits)."""
     path = Path(path)
-    header, raw = read_gguf_header(path)
-    count = _split_value(header, Keys.Split.LLM_KV_SPLIT_COUNT) or 1
+    header, raw = read_model_header(path)
+    _, count = split_position(header)
     if count <= 1:
         return [GGUFPart(path, header, raw)]
-    number = (_split_value(header, Keys.Split.LLM_KV_SPLIT_NO) or 0) + 1
     names = part_paths(path, count)
-    if number != 1:
-        raise InputError(f"{path}: part {number} of {count} of a split GGUF; give the first part, "
-                         f"{names[0].name}")
     if names[0].name != path.name:
         raise InputError(f"{path}: the first of {count} parts of a split GGUF, but not named "
                          f"{names[0].name}, so its other parts cannot be found (llama.cpp finds them by name)")
@@ -299,7 +284,7 @@ class PendingGGUF:
 def _parts_of_name(out_path: Path) -> list[Path]:
     """The files in out_path's folder named as split parts of out_path's GGUF, of any count: exactly
     NAME-0000k-of-0000N.gguf, NAME as part_paths makes it."""
-    name = re.compile(re.escape(_split_stem(out_path)) + r"-\d{5}-of-\d{5}\.gguf")
+    name = re.compile(re.escape(split_stem(out_path)) + r"-\d{5}-of-\d{5}\.gguf")
     folder = out_path.parent
     if not folder.is_dir():
         return []

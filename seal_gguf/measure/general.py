@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from seal_gguf.errors import InputError, ScalesError
 from seal_gguf.fileio import require_gguf
-from seal_gguf.gguffile.header import read_gguf_header, string_array
+from seal_gguf.gguffile.header import read_model_header, string_array
 from seal_gguf.gguffile.llama import open_llama
 from seal_gguf.kld import KLSummary, LogitStore, PositionStats, summarize_positions
 from seal_gguf.measure.identity import first_token_difference
@@ -353,7 +353,7 @@ def check_same_vocabulary(seal: Path, base: Path) -> None:
 
     Read from the files' headers; the token strings are parsed only when the bytes differ.
     """
-    (seal_header, seal_raw), (base_header, base_raw) = read_gguf_header(seal), read_gguf_header(base)
+    (seal_header, seal_raw), (base_header, base_raw) = read_model_header(seal), read_model_header(base)
     seal_entry, base_entry = seal_header.kv.get(TOKENS_KEY), base_header.kv.get(TOKENS_KEY)
     if seal_entry is None or base_entry is None:
         if seal_entry is None and base_entry is None:

@@ -13,7 +13,7 @@ from typing import Any
 from seal_gguf.constants import GGUF_SEAL_PREFIX, GGUFKeys
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import require_gguf
-from seal_gguf.gguffile.header import read_gguf_header, string_array
+from seal_gguf.gguffile.header import read_model_header, string_array
 from seal_gguf.gguffile.llama import open_llama
 from seal_gguf.gguffile.metadata import TOKENS_KEY, file_type_name
 from seal_gguf.model.architectures import ModelLayout
@@ -67,7 +67,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     """The identifying figures of a GGUF, from its header (seal_gguf.gguffile.header), with every
     value given as text the way llama.cpp's metadata does (arrays left out)."""
     path = require_gguf(Path(path))
-    header, raw = read_gguf_header(path)
+    header, raw = read_model_header(path)
     metadata = {key: _as_text(entry.value) for key, entry in header.kv.items()
                 if entry.value is not None and not isinstance(entry.value, list)}
     tokens = header.kv.get(TOKENS_KEY)

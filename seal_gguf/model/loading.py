@@ -114,12 +114,14 @@ SPLITS_DIGITS = ("smollm",)
 
 
 def gguf_tokenizer(gguf_path: Path) -> Any:
-    """The transformers tokenizer of a GGUF, splitting text exactly as llama.cpp does."""
+    """The transformers tokenizer of a GGUF, splitting text exactly as llama.cpp does. Raises InputError
+    for a file whose header does not read or a split GGUF's later part (read_metadata)."""
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
+    metadata = read_metadata(gguf_path)  # before transformers, whose errors would not name the cause
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    if read_metadata(gguf_path).get("tokenizer.ggml.pre") in SPLITS_DIGITS:
+    if metadata.get("tokenizer.ggml.pre") in SPLITS_DIGITS:
         backend = tokenizer.backend_tokenizer
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer]
