@@ -10,10 +10,11 @@ import torch
 from click.testing import CliRunner
 
 import seal_gguf.learn.train as train_module
-from seal_gguf.cases import encode_case, load_cases
+from seal_gguf.cases import encode_case, load_cases, wrap_prompt
 from seal_gguf.cli.app import Terminated, cli
 from seal_gguf.constants import ScalesMeta
 from seal_gguf.errors import InputError
+from seal_gguf.learn.anchor import ANCHOR_PROMPTS, generated_windows, interleave
 from seal_gguf.learn.objective import (
     BUILTIN_ANCHOR,
     DEFAULT_ANCHOR_WEIGHT,
@@ -197,6 +198,53 @@ def test_anchor_errors(loaded, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="empty"):
         make_anchor(tokenizer, 1.0, text=empty)
     assert make_anchor(tokenizer, 0.0, text=tmp_path / "missing.txt").windows == []  # off: nothing read
+
+
+def test_generated_anchor_windows_are_the_models_own_replies(loaded) -> None:
+    """Each window is a request in the model's chat template followed by the model's sampled reply: at
+    most `window` tokens, the same for a seed, other replies for another seed, and the global RNG and
+    the model untouched."""
+    model, _, tokenizer = loaded
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    windows = generated_windows(model, tokenizer, 3, 48, seed=5, device=CPU, progress=False)
+    assert torch.equal(torch.rand(1), expected_next)
+    assert len(windows) == 3 and all(len(w) <= 48 for w in windows)
+    for window in windows:
+        text = tokenizer.decode(window)
+        prompt = next(p for p in ANCHOR_PROMPTS if p in text)
+        request = tokenizer(wrap_prompt(tokenizer, prompt, ""), add_special_tokens=False).input_ids
+        assert window[:len(request)] == request and len(window) > len(request)
+    assert generated_windows(model, tokenizer, 3, 48, seed=5, device=CPU, progress=False) == windows
+    assert generated_windows(model, tokenizer, 3, 48, seed=6, device=CPU, progress=False) != windows
+    assert generated_windows(model, tokenizer, 0, 48, seed=5, device=CPU, progress=False) == []
+    with pytest.raises(InputError, match="longer --anchor-window"):
+        generated_windows(model, tokenizer, 1, 8, seed=5, device=CPU, progress=False)
+
+
+def test_interleave_spreads_both_kinds_through_the_cycle() -> None:
+    text, generated = [[1]] * 6, [[2]] * 3
+    merged = interleave(text, generated)
+    assert merged.count([1]) == 6 and merged.count([2]) == 3
+    assert [2] in merged[:3] and [2] in merged[-3:]  # not all at one end
+    assert interleave([], [[2]]) == [[2]] and interleave([[1]], []) == [[1]]
+
+
+def test_train_with_generated_anchor_records_it(llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.safetensors"
+    result = CliRunner().invoke(cli, [
+        "train", str(llama), "-o", str(out), "--task", "passkey", "--samples", "2", "--length", "160",
+        "--anchor-window", "64", "--anchor-generated", "2", "--device", "cpu", "--eval-samples", "0",
+        "--general-tokens", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "Anchor: λ = 40 on built-in + 2 generated text, 64-token windows" in result.output
+    assert load_scales(out, model_layout(llama)).metadata[ScalesMeta.ANCHOR_TEXT] == "built-in + 2 generated"
+    off = CliRunner().invoke(cli, [
+        "train", str(llama), "-o", str(tmp_path / "off.safetensors"), "--task", "passkey", "--samples", "1",
+        "--length", "160", "--anchor-weight", "0", "--anchor-generated", "2", "--device", "cpu",
+        "--eval-samples", "0", "--general-tokens", "0", "-q"])
+    assert off.exit_code == 0 and "--anchor-generated" in off.stderr and "Anchor:" not in off.output
 
 
 def test_same_seed_same_scales(llama: Path) -> None:

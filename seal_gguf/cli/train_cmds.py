@@ -57,6 +57,9 @@ def _accuracy(result: tuple[int, int] | None) -> str:
                    "ability; 0 trains on the answers alone (the paper's recipe).")
 @click.option("--anchor-text", type=PATH, default=None,
               help="UTF-8 text file for the anchor term [default: the built-in anchor text].")
+@click.option("--anchor-generated", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Also anchor on N windows the model writes itself before training: its own sampled replies "
+                   "to varied requests (seeded by --seed), in its chat template and languages; no data set needed.")
 @click.option("--anchor-window", type=click.IntRange(min=2), default=DEFAULT_ANCHOR_WINDOW, show_default=True,
               help="Tokens of anchor text per training step (windows cycled).")
 @click.option("--cache-teacher", is_flag=True,
@@ -92,8 +95,8 @@ def _accuracy(result: tuple[int, int] | None) -> str:
 @quiet_option
 @handle_errors
 def train(model_dir: Path, output: Path, granularity: str, task: str, samples: int, length: int,
-          min_length: int | None, anchor_weight: float, anchor_text: Path | None, anchor_window: int,
-          cache_teacher: bool, general_tokens: int, lr: float | None, lr_schedule: str, seed: int, device: str, dtype: str, eval_samples: int, cases_file: Path | None,
+          min_length: int | None, anchor_weight: float, anchor_text: Path | None, anchor_generated: int,
+          anchor_window: int, cache_teacher: bool, general_tokens: int, lr: float | None, lr_schedule: str, seed: int, device: str, dtype: str, eval_samples: int, cases_file: Path | None,
           save_cases_file: Path | None, no_gradient_checkpointing: bool, device_map: str | None,
           max_memory: str | None, rope_scaling: str | None,
           rope_factor: float | None, rope_original_context: int | None, force: bool, quiet: bool) -> None:
@@ -110,13 +113,15 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
       seal-gguf train smol/ -o seal-h.safetensors --granularity head --length 2048 --device cuda
       seal-gguf train smol/ -o scales.safetensors --task lines,kv --min-length 512 --anchor-weight 10
       seal-gguf train smol/ -o paper.safetensors --anchor-weight 0
+      seal-gguf train my-model/ -o scales.safetensors --anchor-text my-domain.txt --anchor-generated 24
       seal-gguf train smol/ -o scales-yarn.safetensors --rope-scaling yarn --rope-factor 2
       seal-gguf train llama-7b/ -o scales.safetensors --length 32768 --dtype bfloat16 --device cuda
       seal-gguf train llama-70b/ -o scales.safetensors --length 16384 --dtype bfloat16 --device-map auto
     """
     rope = rope_for_model(model_dir, rope_scaling, rope_factor, rope_original_context)
-    if anchor_weight == 0 and (anchor_text is not None or cache_teacher):
-        echo_warnings(["--anchor-weight 0 turns the anchor off: --anchor-text and --cache-teacher have no effect"])
+    if anchor_weight == 0 and (anchor_text is not None or anchor_generated or cache_teacher):
+        echo_warnings(["--anchor-weight 0 turns the anchor off: --anchor-text, --anchor-generated and --cache-teacher "
+                       "have no effect"])
     # refuse existing outputs before the long work, not after it
     check_output_path(output, force, inputs=[cases_file, anchor_text])
     if save_cases_file is not None:
@@ -137,6 +142,7 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
         command=shlex.join(["seal-gguf", *sys.argv[1:]]), rope=rope, device_map=device_map, max_memory=max_memory,
         min_length=min_length, anchor_weight=anchor_weight, anchor_text=anchor_text, anchor_window=anchor_window,
         cache_teacher=cache_teacher, general_tokens=general_tokens, lr_schedule=lr_schedule,
+        anchor_generated=anchor_generated,
     )
     save_scales(output, result.scales, result.layout, granularity, result.provenance, force=force)
     meta = result.provenance

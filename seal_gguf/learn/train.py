@@ -17,6 +17,7 @@ held-out accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,7 @@ from seal_gguf import __version__
 from seal_gguf.cases import Case, encode_case, score_answer
 from seal_gguf.constants import GRANULARITIES, GRANULARITY_CHANNEL, GRANULARITY_HEAD, ScalesMeta
 from seal_gguf.errors import InputError, ScalesError
+from seal_gguf.learn.anchor import generated_windows, interleave
 from seal_gguf.learn.objective import (
     DEFAULT_ANCHOR_WEIGHT,
     DEFAULT_ANCHOR_WINDOW,
@@ -259,6 +261,7 @@ def train_scales(
     cache_teacher: bool = False,
     general_tokens: int = GENERAL_TOKENS,
     lr_schedule: str = DEFAULT_LR_SCHEDULE,
+    anchor_generated: int = 0,
 ) -> TrainResult:
     """Learn SEAL scales for the model in model_dir. Training cases are generated from the "train"
     split with `seed` unless `cases` are given; held-out cases are fresh "eval" cases of the same
@@ -269,6 +272,9 @@ def train_scales(
     anchor_weight: λ of the anchor term λ·KL(base ‖ SEAL) on anchor_text (default: the built-in anchor
     text) in windows of anchor_window tokens; 0 trains on the answers alone (the paper's recipe).
     cache_teacher: keep the base model's log-probabilities per anchor window instead of recomputing them.
+    anchor_generated: add this many anchor windows the model writes itself before training (its sampled
+    replies to varied requests, seeded with `seed`: seal_gguf.learn.anchor.generated_windows),
+    spread evenly among the anchor text's windows.
     general_tokens: after training, measure the cost on this many tokens of the built-in measurement
     text (seal_gguf.measure.general; 0 skips it) and record it in the provenance.
     rope: learn under this context extension; the scales file records it (ScalesMeta.ROPE_SCALING).
@@ -292,6 +298,8 @@ def train_scales(
         raise InputError(f"eval samples must be >= 0, not {eval_samples}")
     if general_tokens < 0:
         raise InputError(f"general tokens must be >= 0, not {general_tokens}")
+    if anchor_generated < 0:
+        raise InputError(f"generated anchor windows must be >= 0, not {anchor_generated}")
     lr = DEFAULT_LR[granularity] if lr is None else lr
     if not lr > 0:
         raise InputError(f"learning rate must be > 0, not {lr}")
@@ -318,6 +326,8 @@ def train_scales(
     with tempfile.TemporaryDirectory(prefix="seal-offload-") if dispatch else nullcontext() as offload:
         model, layout = load_model(model_dir, torch_device, dtype, progress, rope, dispatch,
                                    Path(offload) if offload else None)
+        if anchor.active and anchor_generated:
+            anchor = with_generated_windows(anchor, model, tokenizer, anchor_generated, seed, torch_device, progress)
         result = train_loaded(model, layout, tokenizer, cases, heldout, granularity, lr, torch_device,
                               gradient_checkpointing, progress, anchor, general_tokens,
                               lr_schedule=lr_schedule)
@@ -342,6 +352,15 @@ def train_scales(
     result.provenance = provenance
     result.device_map = dispatch
     return result
+
+
+def with_generated_windows(anchor: Anchor, model: nn.Module, tokenizer: Any, count: int, seed: int,
+                           device: torch.device, progress: bool) -> Anchor:
+    """The anchor with `count` windows the model (without scales) writes itself spread among its own;
+    its source then says so ("built-in + 24 generated")."""
+    generated = generated_windows(model, tokenizer, count, anchor.window, seed, device, progress)
+    return dataclasses.replace(anchor, windows=interleave(anchor.windows, generated),
+                               source=f"{anchor.source} + {count} generated")
 
 
 def anchor_provenance(anchor: Anchor) -> dict[str, str]:
