@@ -226,6 +226,21 @@ def test_exact_top_k_equals_the_full_sweep(llama: Path) -> None:
             measure_heads(model, layout, tokenizer, cases, FACTORS, progress=False, **bad)
 
 
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+def test_gradient_checkpointing_gives_the_same_gradients(llama: Path, granularity: str) -> None:
+    """Recomputing each layer's activations in the backward pass changes the memory, not the result;
+    the model is left in eval mode, with no weight gradients."""
+    model, layout = load_model(llama, CPU, "float32", progress=False)
+    tokenizer = load_tokenizer(llama)
+    cases = make_cases(tokenizer, "lines", LENGTH, 2, seed=3)
+    kept = measure_heads(model, layout, tokenizer, cases, FACTORS, granularity, progress=False,
+                         gradient_checkpointing=False)
+    recomputed = measure_heads(model, layout, tokenizer, cases, FACTORS, granularity, progress=False)
+    torch.testing.assert_close(recomputed.gradient, kept.gradient, rtol=1e-5, atol=1e-7)
+    assert recomputed.base_loss == pytest.approx(kept.base_loss, rel=1e-6)
+    assert not any(m.training for m in model.modules()) and all(p.grad is None for p in model.parameters())
+
+
 def test_exact_head_count(llama: Path) -> None:
     from seal_gguf.model.architectures import model_layout
 

@@ -55,12 +55,14 @@ from .app import PATH, cli, handle_errors, quiet_option
               help="auto picks cuda, then mps, then cpu.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
               help="Dtype of the model.")
+@click.option("--no-gradient-checkpointing", is_flag=True,
+              help="Keep all activations in the attribution pass: faster, much more memory at long lengths.")
 @click.option("--force", is_flag=True, help="Replace an existing CSV or plot.")
 @quiet_option
 @handle_errors
 def heads(model_dir: Path, output: Path, plot_out: Path | None, mode: str, exact_top: int | None, granularity: str,
           task: str, length: int, samples: int, seed: int, factors: str, batch_size: int, device: str, dtype: str,
-          force: bool, quiet: bool) -> None:
+          no_gradient_checkpointing: bool, force: bool, quiet: bool) -> None:
     """Which heads matter: the change in answer loss (and accuracy) when each head is removed or scaled.
 
     Answer loss is the mean cross-entropy of the answer tokens; a case is correct when greedy
@@ -89,7 +91,8 @@ def heads(model_dir: Path, output: Path, plot_out: Path | None, mode: str, exact
         check_plot_path(plot_out, force)
     report = head_effects(model_dir, task=task, length=length, samples=samples, seed=seed, factors=chosen,
                           granularity=granularity, mode=mode, exact_top=exact_top, batch_size=batch_size,
-                          device=device, dtype=dtype, progress=not quiet)
+                          device=device, dtype=dtype, progress=not quiet,
+                          gradient_checkpointing=not no_gradient_checkpointing)
     write_heads_csv(report, output, force=force)
     if plot_out is not None:
         plot_heads(report, plot_out, force=force)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from seal_gguf.measure.general import GENERAL_TOKENS
 from seal_gguf.model.architectures import ModelLayout, read_config
 from seal_gguf.model.checkpoint import check_not_folded, model_fingerprint
 from seal_gguf.model.generate import greedy_continuation, stop_token_ids
+from seal_gguf.model.gradient_checkpointing import checkpointed_layers, enable_checkpointing
 from seal_gguf.model.hooks import attach_scales
 from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
 from seal_gguf.model.rope import RopeScaling, extend_config
@@ -120,34 +121,6 @@ def device_map_for(model_dir: Path, spec: str, max_memory: str | None, length: i
     device_map = read_device_map(Path(spec))
     accelerators = [d for d in device_map.values() if d not in (CPU, DISK)]
     return device_map, torch.device(accelerators[0] if accelerators else CPU)
-
-
-def enable_checkpointing(model: Any) -> None:  # a transformers model
-    """Non-reentrant checkpointing: gradients reach the hooked scales without input grads."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    # checkpointing enables input grads for PEFT; frozen embeddings need none
-    if hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
-
-
-@contextmanager
-def checkpointed_layers(model: nn.Module) -> Iterator[None]:
-    """Turn on training mode for the checkpointed decoder layers only (transformers checkpoints a
-    layer only in training mode), so dropout elsewhere stays off and the frozen model deterministic."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers:
-        layer.training = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.training = False
 
 
 # -- loss and decoding --

@@ -39,7 +39,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from seal_gguf.errors import ArchitectureError, InputError
 from seal_gguf.fileio import atomic_file
 from seal_gguf.measure.plots import HeadGrid, plot_head_grids
 from seal_gguf.model.architectures import ModelLayout, model_layout
+from seal_gguf.model.gradient_checkpointing import checkpointed_layers, enable_checkpointing
 from seal_gguf.model.hooks import attach_scales, o_proj_modules
 from seal_gguf.model.loading import load_model, load_tokenizer, resolve_device
 from seal_gguf.scales import identity_scales
@@ -393,10 +394,13 @@ def measure_heads(
     exact_heads: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    gradient_checkpointing: bool = True,
 ) -> HeadsReport:
     """Attribution on every case (the gradient, its mean over the cases), then the `exact_heads` heads
     with the largest |gradient| ablated exactly by each factor (0: none; layers x heads: every head,
-    the full sweep). Exact ablation is per head: exact_heads must be 0 for channel granularity."""
+    the full sweep). Exact ablation is per head: exact_heads must be 0 for channel granularity.
+    gradient_checkpointing: recompute each layer's activations in the backward pass (the gradients are
+    the same; memory as train's), so long cases fit where a forward pass does."""
     if not cases:
         raise InputError("no cases to score")
     factors = tuple(float(f) for f in factors)
@@ -411,11 +415,15 @@ def measure_heads(
     encoded = [encode_case(tokenizer, case) for case in cases]
     start = time.perf_counter()
     base_losses, base_corrects, gradients = [], [], []
-    for prompt_ids, answer_ids in tqdm(encoded, desc="attribution", unit="case", disable=not progress):
-        case_loss, case_correct, case_gradient = answer_gradient(model, layout, prompt_ids, answer_ids, granularity)
-        base_losses.append(case_loss)
-        base_corrects.append(case_correct)
-        gradients.append(case_gradient)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    with checkpointed_layers(model) if gradient_checkpointing else nullcontext():
+        for prompt_ids, answer_ids in tqdm(encoded, desc="attribution", unit="case", disable=not progress):
+            case_loss, case_correct, case_gradient = answer_gradient(model, layout, prompt_ids, answer_ids,
+                                                                     granularity)
+            base_losses.append(case_loss)
+            base_corrects.append(case_correct)
+            gradients.append(case_gradient)
     attribution_seconds = time.perf_counter() - start
     mean_gradient = torch.stack(gradients).mean(dim=0)
     start = time.perf_counter()
@@ -444,6 +452,7 @@ def head_effects(
     device: str = "auto",
     dtype: str = "float32",
     progress: bool = True,
+    gradient_checkpointing: bool = True,
 ) -> HeadsReport:
     """measure_heads on an HF model folder, over `samples` generated "eval" cases of `task` and
     `length`; mode and exact_top as exact_head_count takes them."""
@@ -457,7 +466,8 @@ def head_effects(
     tokenizer = load_tokenizer(model_dir)
     cases = make_cases(tokenizer, task, length, samples, seed, split="eval")
     model, layout = load_model(model_dir, torch_device, dtype, progress)
-    return measure_heads(model, layout, tokenizer, cases, factors, granularity, exact_heads, batch_size, progress)
+    return measure_heads(model, layout, tokenizer, cases, factors, granularity, exact_heads, batch_size, progress,
+                         gradient_checkpointing)
 
 
 # -- output --
