@@ -129,8 +129,9 @@ def _depths(depths: Sequence[float] | None, n: int, rng_for: Callable[[int], ran
     return [round(rng_for(i).uniform(0.0, 100.0), 1) for i in range(n)]
 
 
-def _too_short(task: str, length: int) -> InputError:
-    return InputError(f"{task}: {length} tokens is too short for this task's instructions and question")
+def _too_short(task: str, length: int, needed: int) -> InputError:
+    return InputError(f"{task}: {length} tokens is too short; this tokenizer needs at least {needed} for the "
+                      "instructions and question")
 
 
 # -- tasks --
@@ -268,7 +269,7 @@ def _haystack_case(
     """Fit a haystack of word pieces around the needle so the prompt has exactly `length` tokens."""
     base = count_tokens(tokenizer, wrap_prompt(tokenizer, intro + needle + question, prefix))
     if base > length:
-        raise _too_short(task, length)
+        raise _too_short(task, length, base)
     pieces = haystack(2 * (length - base) + 64)
 
     def render(start: int, k: int) -> str:

@@ -220,8 +220,9 @@ def test_bad_requests(tokenizer) -> None:
         make_cases(tokenizer, "trivia", 500, 1, 0)
     with pytest.raises(InputError, match="too short"):
         make_cases(tokenizer, "lines", 120, 1, 0)
-    with pytest.raises(InputError, match="too short"):
-        make_cases(tokenizer, "passkey", 20, 1, 0)
+    for task in ("passkey", "niah"):  # every task says how many tokens its instructions take
+        with pytest.raises(InputError, match=rf"{task}: 20 tokens is too short; this tokenizer needs at least \d+"):
+            make_cases(tokenizer, task, 20, 1, 0)
     with pytest.raises(InputError, match="outside 0..100"):
         make_cases(tokenizer, "niah", 300, 1, 0, depths=[120])
     assert make_cases(tokenizer, "niah", 300, 0, 0) == []
