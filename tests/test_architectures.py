@@ -88,14 +88,14 @@ def input_ids() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def built(tiny_model, converter: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], dict]:
+def built(tiny_model, converter: Path, module_tmp: Callable[[str], Path]) -> Callable[[str, str], dict]:
     """(arch, granularity) -> the model, its scales and every GGUF route, made once."""
     cache: dict[tuple[str, str], dict] = {}
     bases: dict[str, dict[str, Path]] = {}
 
     def base(arch: str) -> dict[str, Path]:
         if arch not in bases:
-            out = tmp_path_factory.mktemp(f"base-{arch}")
+            out = module_tmp(f"base-{arch}")
             f32 = convert_to_gguf(tiny(tiny_model, arch), out / "base-f32.gguf", "f32", llama_cpp=converter,
                                   progress=False)
             bases[arch] = {"f32": f32, **{q: quantize(f32, out / f"base-{q}.gguf", q, progress=False)
@@ -105,7 +105,7 @@ def built(tiny_model, converter: Path, tmp_path_factory: pytest.TempPathFactory)
     def make(arch: str, granularity: str) -> dict:
         if (arch, granularity) not in cache:
             model_dir = tiny(tiny_model, arch)
-            out = tmp_path_factory.mktemp(f"{arch}-{granularity}")
+            out = module_tmp(f"{arch}-{granularity}")
             values = random_values(model_dir, granularity)
             scales = scales_file(out / "scales.safetensors", model_dir, values, granularity)
             folded = fold_checkpoint(model_dir, scales, out / "folded", progress=False).out_dir

@@ -6,6 +6,7 @@ import ast
 import functools
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,26 +38,26 @@ def llama(tiny_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scales(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("scales")
+def scales(llama: Path, module_tmp: Callable[[str], Path]) -> dict[str, Path]:
+    folder = module_tmp("scales")
     for granularity in ("head", "channel"):
         random_scales(folder / f"{granularity}.safetensors", llama, granularity)
     return {g: folder / f"{g}.safetensors" for g in ("head", "channel")}
 
 
 @pytest.fixture(scope="module")
-def folded(llama: Path, scales: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def folded(llama: Path, scales: dict[str, Path], module_tmp: Callable[[str], Path]) -> dict[str, Path]:
     """The tiny llama folded by the Foundation's fold_checkpoint, per granularity."""
-    folder = tmp_path_factory.mktemp("folded")
+    folder = module_tmp("folded")
     return {g: fold_checkpoint(llama, scales[g], folder / g, progress=False).out_dir for g in ("head", "channel")}
 
 
 @pytest.fixture(scope="module")
 def ggufs(llama: Path, scales: dict[str, Path], folded: dict[str, Path], converter: Path,
-          tmp_path_factory: pytest.TempPathFactory):
+          module_tmp: Callable[[str], Path]):
     """make(route, outtype, granularity) -> GGUF; route: 'patch' (--seal-scales), 'fold' (the folded
     checkpoint, converted without scales) or 'base' (no scales). Each is converted once per module."""
-    folder = tmp_path_factory.mktemp("ggufs")
+    folder = module_tmp("ggufs")
     made: dict[tuple[str, str, str | None], Path] = {}
 
     def make(route: str, outtype: str, granularity: str | None = None) -> Path:

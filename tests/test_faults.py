@@ -92,8 +92,8 @@ def drop_tensors(src: Path, dst: Path, drop: Callable[[str], bool]) -> Path:
 # -- 1. import-gguf --
 
 @pytest.fixture(scope="module")
-def f32_ggufs(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("import")
+def f32_ggufs(tiny_model, module_tmp: Callable[[str], Path]) -> dict[str, Path]:
+    out = module_tmp("import")
     return {arch: convert_to_gguf(tiny_model(arch), out / f"{arch}.gguf", "f32", progress=False)
             for arch in ("llama", "gemma3_text")}
 
@@ -277,10 +277,10 @@ def test_validate_base_gguf_calibrates_kld_limit(tiny_model, text_file: Path, tm
 # -- 3. a tokenizer that yields no tokens --
 
 @pytest.fixture(scope="module")
-def silent_tokenizer_model(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def silent_tokenizer_model(tiny_model, module_tmp: Callable[[str], Path]) -> Path:
     """A tiny phi3 whose tokenizer.json turns every text into no tokens (a BPE vocabulary of special
     tokens only, no unknown token: what transformers can save for a bare SentencePiece vocab)."""
-    out = tmp_path_factory.mktemp("silent") / "model"
+    out = module_tmp("silent") / "model"
     shutil.copytree(tiny_model("phi3"), out)
     data = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     specials = {t["content"]: t["id"] for t in data["added_tokens"]}
@@ -326,9 +326,9 @@ def test_tokenizer_chat_template_that_drops_the_message(tiny_model, tmp_path: Pa
 # -- 4. non-finite weights, type fallbacks --
 
 @pytest.fixture(scope="module")
-def odd_rows(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def odd_rows(tokenizer_dir: Path, module_tmp: Callable[[str], Path]) -> Path:
     """hidden 120, 3 heads x 40: attn_output rows are not whole blocks of 32 (nor 256)."""
-    out = tmp_path_factory.mktemp("odd") / "model"
+    out = module_tmp("odd") / "model"
     return build_tiny_model(out, "llama", tokenizer_dir, hidden_size=120, num_attention_heads=3,
                             num_key_value_heads=1, intermediate_size=256)
 
@@ -509,9 +509,9 @@ def test_two_single_files_refused(tiny_model, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained_on_other(tiny_model, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_on_other(tiny_model, tokenizer_dir: Path, module_tmp: Callable[[str], Path]) -> Path:
     """Scales whose base_fingerprint is that of another tiny llama of the same shape (seed 1)."""
-    out = tmp_path_factory.mktemp("fp")
+    out = module_tmp("fp")
     other = build_tiny_model(out / "other", "llama", tokenizer_dir, seed=1)
     fingerprint = model_fingerprint(other, model_layout(other))
     assert fingerprint != model_fingerprint(tiny_model("llama"), model_layout(other))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,18 +39,18 @@ def models(tiny_model) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def scales(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("scales")
+def scales(models: dict[str, Path], module_tmp: Callable[[str], Path]) -> dict[str, Path]:
+    folder = module_tmp("scales")
     for granularity in ("head", "channel"):
         random_scales(folder / f"{granularity}.safetensors", models["f32"], granularity)
     return {g: folder / f"{g}.safetensors" for g in ("head", "channel")}
 
 
 @pytest.fixture(scope="module")
-def ggufs(models: dict[str, Path], scales: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+def ggufs(models: dict[str, Path], scales: dict[str, Path], module_tmp: Callable[[str], Path]):
     """make(outtype, granularity) -> GGUF from llama.cpp's converter: granularity None is the base model,
     else fold-and-convert with those scales. f16 comes from the float16 model, the rest from float32."""
-    folder = tmp_path_factory.mktemp("ggufs")
+    folder = module_tmp("ggufs")
     made: dict[tuple[str, str | None], Path] = {}
 
     def make(outtype: str, granularity: str | None = None) -> Path:

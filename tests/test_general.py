@@ -89,12 +89,12 @@ def test_user_text_and_bad_scales(llama: dict, tmp_path: Path) -> None:
 # -- llama.cpp --
 
 @pytest.fixture(scope="module")
-def ggufs(llama: dict, tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def ggufs(llama: dict, tiny_model: Callable[..., Path], module_tmp: Callable[[str], Path]) -> dict[str, Path]:
     """f32 GGUFs of the tiny llama: base, identity scales folded, scaled heads folded, and the same
     weights with another vocabulary (a SentencePiece tokenizer.model, which llama's converter prefers)."""
     from seal_gguf.convert.to_gguf import convert_to_gguf
 
-    out = tmp_path_factory.mktemp("general-ggufs")
+    out = module_tmp("general-ggufs")
     layout = llama["layout"]
     files = {"base": convert_to_gguf(llama["dir"], out / "base.gguf", "f32", progress=False)}
     for name, values in [("identity", identity_scales(layout, "head")), ("seal", scaled(layout, "head", 1.0))]:

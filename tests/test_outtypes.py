@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +32,16 @@ def llama(tiny_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scales(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("scales") / "head.safetensors"
+def scales(llama: Path, module_tmp: Callable[[str], Path]) -> Path:
+    path = module_tmp("scales") / "head.safetensors"
     random_scales(path, llama, "head")
     return path
 
 
 @pytest.fixture(scope="module")
-def singles(llama: Path, scales: Path, converter: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def singles(llama: Path, scales: Path, converter: Path, module_tmp: Callable[[str], Path]) -> dict[str, Path]:
     """Each type of SET by its own fold-and-convert run, as before sets existed."""
-    folder = tmp_path_factory.mktemp("singles")
+    folder = module_tmp("singles")
     return {t: convert_to_gguf(llama, folder / f"{t}.gguf", t, scales, progress=False) for t in SET}
 
 

@@ -6,6 +6,7 @@ import py_compile
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,9 @@ from seal_gguf.scales import save_scales
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pristine(module_tmp: Callable[[str], Path]) -> Path:
     """convert_hf_to_gguf.py as vendored in the pinned llama-cpp-python's source distribution."""
-    work = tmp_path_factory.mktemp("sdist")
+    work = module_tmp("sdist")
     sdist = download_sdist(pinned_llama_cpp_version(), work / "download")
     return extract_converter(sdist, work / "llama.cpp")
 
@@ -44,8 +45,8 @@ def patched_files(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ours(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = fresh_copy(pristine, tmp_path_factory.mktemp("ours") / "llama.cpp")
+def ours(pristine: Path, module_tmp: Callable[[str], Path]) -> Path:
+    root = fresh_copy(pristine, module_tmp("ours") / "llama.cpp")
     for patch in patch_files():
         apply_patch(patch, root)
     return root

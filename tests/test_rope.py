@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +128,8 @@ def native(tiny_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def extended_ggufs(native: Path, converter: Path, tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("rope-ggufs")
+def extended_ggufs(native: Path, converter: Path, module_tmp: Callable[[str], Path]):
+    folder = module_tmp("rope-ggufs")
     made: dict[str, Path] = {}
 
     def make(kind: str) -> Path:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -306,8 +307,8 @@ def test_ollama_modelfile_for_smollm2(smollm2_gguf: Path, tmp_path: Path) -> Non
 # -- a tiny model through the real commands: train, convert, fold-and-convert --ollama, validate, eval --
 
 @pytest.fixture(scope="module")
-def shipped(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("ship")
+def shipped(tiny_model, module_tmp: Callable[[str], Path]) -> Path:
+    work = module_tmp("ship")
     (work / "model").symlink_to(tiny_model("llama"), target_is_directory=True)
     (work / "notes.txt").write_text("The spare key is under the blue flowerpot. " * 12, encoding="utf-8")
     train = ["train", "model", "-o", "scales.safetensors", "--samples", "2", "--length", "320", "--eval-samples", "0",

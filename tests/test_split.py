@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,19 +43,19 @@ def model(tiny_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def base(model: Path, module_tmp: Callable[[str], Path]) -> Path:
     """The tiny llama as an f32 GGUF from llama.cpp's converter: a 50 MB token_embd, then 1 MB or less each."""
-    return convert_to_gguf(model, tmp_path_factory.mktemp("base") / "model.gguf", "f32", progress=False)
+    return convert_to_gguf(model, module_tmp("base") / "model.gguf", "f32", progress=False)
 
 
 @pytest.fixture(scope="module")
-def parts(base: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return list(split_gguf(base, tmp_path_factory.mktemp("split") / "model.gguf", 2_000_000, progress=False).paths)
+def parts(base: Path, module_tmp: Callable[[str], Path]) -> list[Path]:
+    return list(split_gguf(base, module_tmp("split") / "model.gguf", 2_000_000, progress=False).paths)
 
 
 @pytest.fixture(scope="module")
-def scales(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("scales") / "head.safetensors"
+def scales(model: Path, module_tmp: Callable[[str], Path]) -> Path:
+    path = module_tmp("scales") / "head.safetensors"
     random_scales(path, model, "head")
     return path
 

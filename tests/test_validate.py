@@ -53,14 +53,14 @@ def token_flags(arch: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def build(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict]:
+def build(tiny_model: Callable[..., Path], module_tmp: Callable[[str], Path]) -> Callable[..., dict]:
     """Factory (arch, granularity) -> model folder, scales file and one GGUF per type (cached)."""
     cache: dict[tuple[str, str], dict] = {}
 
     def make(arch: str, granularity: str) -> dict:
         if (arch, granularity) not in cache:
             model_dir = tiny(tiny_model, arch)
-            out = tmp_path_factory.mktemp(f"gguf-{arch}-{granularity}")
+            out = module_tmp(f"gguf-{arch}-{granularity}")
             scales = scales_file(out / "scales.safetensors", model_dir, granularity)
             ggufs = {"f32": convert_to_gguf(model_dir, out / "seal-f32.gguf", "f32", scales, progress=False)}
             for qtype in TYPES[1:]:
@@ -72,9 +72,9 @@ def build(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def base_ggufs(build, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def base_ggufs(build, module_tmp: Callable[[str], Path]) -> dict[str, Path]:
     """The tiny llama without scales, through the same converter and quantizer."""
-    out = tmp_path_factory.mktemp("base")
+    out = module_tmp("base")
     f32 = convert_to_gguf(build("llama", "head")["model"], out / "base-f32.gguf", "f32", progress=False)
     return {"f32": f32, "q8_0": quantize(f32, out / "base-q8_0.gguf", "q8_0", progress=False)}
 

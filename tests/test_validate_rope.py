@@ -9,6 +9,7 @@ context, where the extension changes the logits.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,8 @@ def scales_file(path: Path, model_dir: Path, recorded: str | None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(native: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("validate-rope")
+def built(native: Path, module_tmp: Callable[[str], Path]) -> dict[str, Path]:
+    out = module_tmp("validate-rope")
     scales = scales_file(out / "scales-yarn.safetensors", native, f"yarn:{FACTOR}:{NATIVE}")
     yarn = out / "seal-yarn.gguf"
     result = invoke("fold-and-convert", native, scales, "-o", yarn, "--outtype", "f32", *YARN)
