@@ -129,9 +129,34 @@ def _depths(depths: Sequence[float] | None, n: int, rng_for: Callable[[int], ran
     return [round(rng_for(i).uniform(0.0, 100.0), 1) for i in range(n)]
 
 
-def _too_short(task: str, length: int, needed: int) -> InputError:
-    return InputError(f"{task}: {length} tokens is too short; this tokenizer needs at least {needed} for the "
-                      "instructions and question")
+class TooShortError(InputError):
+    """A case's instructions, question (and fewest records) take more tokens than its prompt length."""
+
+    def __init__(self, task: str, length: int, needed: int, what: str) -> None:
+        super().__init__(f"{task}: {length} tokens is too short; this tokenizer needs at least {needed} for the "
+                         f"{what}")
+        self.task, self.length, self.needed, self.what = task, length, needed, what
+
+
+def _built(make: Callable[[int], Case], count: int, name: str = "") -> list[Case]:
+    """[make(0), ..., make(count - 1)], or one error for all the cases that are too short, with the most
+    tokens any of them needs (cases differ in their records and needles): a TooShortError, or with
+    `name` an InputError saying that `name` (the setting that let them be short) is too short."""
+    cases: list[Case] = []
+    short: list[TooShortError] = []
+    for i in range(count):
+        try:
+            cases.append(make(i))
+        except TooShortError as exc:
+            short.append(exc)
+    if not short:
+        return cases
+    worst = max(short, key=lambda exc: exc.needed)
+    of = f" ({len(short)} of {count} cases)" if count > 1 else ""
+    if name:
+        raise InputError(f"{worst.task}: {name} is too short{of}; this tokenizer needs at least {worst.needed} "
+                         f"for the {worst.what}")
+    raise TooShortError(worst.task, worst.length, worst.needed, worst.what + of)
 
 
 # -- tasks --
@@ -238,8 +263,8 @@ def _records_case(tokenizer: Any, task: str, length: int, depth: float, seed: in
     per_line = sum(cost(x) for x in pool[-16:]) / 16
     if base + MIN_LINES * per_line > length:
         # a few lines give enough room to adjust the length to the exact token
-        raise InputError(f"{task}: {length} tokens is too short; this tokenizer needs at least "
-                         f"{int(base + MIN_LINES * per_line) + 1} for the instructions and {MIN_LINES + 1} records")
+        raise TooShortError(task, length, int(base + MIN_LINES * per_line) + 1,
+                            f"instructions and {MIN_LINES + 1} records")
     others = [draw() for _ in range(int((length - base) / per_line))]
     overshot = False  # after adding a line past the target, only swaps toward shorter lines remain
     for _ in range(_MAX_FIT_STEPS):
@@ -269,7 +294,7 @@ def _haystack_case(
     """Fit a haystack of word pieces around the needle so the prompt has exactly `length` tokens."""
     base = count_tokens(tokenizer, wrap_prompt(tokenizer, intro + needle + question, prefix))
     if base > length:
-        raise _too_short(task, length, base)
+        raise TooShortError(task, length, base, "instructions and question")
     pieces = haystack(2 * (length - base) + 64)
 
     def render(start: int, k: int) -> str:
@@ -345,10 +370,8 @@ def make_cases(
         raise InputError(f"length must be > 0 and n >= 0 (got length={length}, n={n})")
     # depth draws use their own stream so that fitting never shifts them
     case_depths = _depths(depths, n, lambda i: _case_rng(task + "/depth", split, seed, i))
-    return [
-        _MAKERS[task](tokenizer, length, case_depths[i], seed, _case_rng(task, split, seed, i), split)
-        for i in range(n)
-    ]
+    return _built(lambda i: _MAKERS[task](tokenizer, length, case_depths[i], seed, _case_rng(task, split, seed, i),
+                                          split), n)
 
 
 def parse_tasks(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -380,10 +403,11 @@ def make_mixture(
         raise InputError(f"length must be > 0 and n >= 0 (got length={length}, n={n})")
     if min_length is not None and not 0 < min_length <= length:
         raise InputError(f"the minimum length must be in 1..{length} (the length), not {min_length}")
-    cases = []
-    for i in range(n):
+    def make(i: int) -> Case:
         task, j = tasks[i % len(tasks)], i // len(tasks)
         size = length if min_length is None else _case_rng("length", split, seed, i).randint(min_length, length)
         depth = round(_case_rng(task + "/depth", split, seed, j).uniform(0.0, 100.0), 1)
-        cases.append(_MAKERS[task](tokenizer, size, depth, seed, _case_rng(task, split, seed, j), split))
-    return cases
+        return _MAKERS[task](tokenizer, size, depth, seed, _case_rng(task, split, seed, j), split)
+
+    # with lengths drawn from min_length up, a case too short is one the minimum let through
+    return _built(make, n, "" if min_length is None else f"the minimum length {min_length} (--min-length)")

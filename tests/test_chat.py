@@ -105,5 +105,5 @@ def test_missing_or_corrupt_gguf_is_one_line(tmp_path: Path, smollm2_gguf: Path)
     one_line_error(invoke(text, "--prompt", "hi"), "not a GGUF file")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(smollm2_gguf.read_bytes()[: 1 << 20])
-    one_line_error(invoke(truncated, "--prompt", "hi"), "llama.cpp cannot load this GGUF")
+    one_line_error(invoke(truncated, "--prompt", "hi"), "inside its header: truncated?")  # not only "cannot load"
     one_line_error(invoke(smollm2_gguf, "--file", tmp_path / "nope.txt", "--prompt", "hi"), "no such document")

@@ -220,9 +220,17 @@ def test_bad_requests(tokenizer) -> None:
         make_cases(tokenizer, "trivia", 500, 1, 0)
     with pytest.raises(InputError, match="too short"):
         make_cases(tokenizer, "lines", 120, 1, 0)
-    for task in ("passkey", "niah"):  # every task says how many tokens its instructions take
-        with pytest.raises(InputError, match=rf"{task}: 20 tokens is too short; this tokenizer needs at least \d+"):
-            make_cases(tokenizer, task, 20, 1, 0)
+    for task in TASKS:
+        # every task says how many tokens the most demanding of the asked cases needs, and that is enough
+        with pytest.raises(InputError, match=rf"{task}: 20 tokens is too short; this tokenizer needs at least "
+                                             r"\d+ .*\(4 of 4 cases\)") as raised:
+            make_cases(tokenizer, task, 20, 4, 0, split="eval")
+        needed = int(re.search(r"at least (\d+)", str(raised.value)).group(1))
+        assert len(make_cases(tokenizer, task, needed + 4, 4, 0, split="eval")) == 4
+    # lengths drawn from --min-length: the error names the minimum, not a drawn length
+    with pytest.raises(InputError, match=r"lines: the minimum length 20 \(--min-length\) is too short \(\d+ of 8 "
+                                         r"cases\); this tokenizer needs at least \d+"):
+        make_mixture(tokenizer, "lines,kv", 400, 8, 0, split="train", min_length=20)
     with pytest.raises(InputError, match="outside 0..100"):
         make_cases(tokenizer, "niah", 300, 1, 0, depths=[120])
     assert make_cases(tokenizer, "niah", 300, 0, 0) == []

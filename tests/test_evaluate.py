@@ -154,7 +154,7 @@ def test_runner_refuses_bad_inputs(tmp_path: Path, smollm2_gguf: Path, tiny_mode
         open_runner(smollm2_gguf, scales=tmp_path / "s.safetensors")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(smollm2_gguf.read_bytes()[: 1 << 20])
-    with pytest.raises(InputError, match="llama.cpp cannot load this GGUF"):
+    with pytest.raises(InputError, match="inside its header: truncated"):
         open_runner(truncated)
     model_dir = tiny_model("llama")
     no_weights = tmp_path / "no-weights"
@@ -274,7 +274,9 @@ def test_eval_errors_are_one_line(tmp_path: Path, smollm2_gguf: Path, tiny_model
     assert existing.read_text() == "{}"
     one_line_error(invoke("eval", smollm2_gguf, "--samples", 1, "--plot", tmp_path / "p.jpg"), ".png")
     one_line_error(invoke("eval", smollm2_gguf, smollm2_gguf, "--samples", 1), "listed twice")
-    one_line_error(invoke("eval", smollm2_gguf, "--samples", 0), "samples")
+    for option in ("--samples", "--max-tokens"):  # a value out of range is a usage error naming the option
+        usage = invoke("eval", smollm2_gguf, option, 0)
+        assert usage.exit_code == 2 and f"Invalid value for '{option}'" in usage.output, usage.output
     usage = invoke("eval", smollm2_gguf, "--lengths", "1k,2k")
     assert usage.exit_code == 2 and "comma-separated" in usage.output
 

@@ -347,7 +347,7 @@ def scales_args(cmd: str, w: World, scales: Path, out: Path) -> list[object]:
 GGUF_COMMANDS = ["chat", "quantize", "import-gguf", "eval", "validate", "validate --base-gguf", "inspect"]
 # The header reader (gguffile.header) refuses a broken file first where a command reads it; else the engine.
 UNREADABLE = "not a readable GGUF file|"
-CANNOT_LOAD = {"chat": "llama.cpp cannot load this GGUF", "quantize": UNREADABLE + "llama.cpp's quantizer failed",
+CANNOT_LOAD = {"chat": UNREADABLE + "llama.cpp cannot load this GGUF", "quantize": UNREADABLE + "llama.cpp's quantizer failed",
                "import-gguf": UNREADABLE + "transformers cannot read this GGUF",
                "eval": UNREADABLE + "transformers cannot load its tokenizer",
                "validate": UNREADABLE + "llama.cpp cannot load this GGUF",

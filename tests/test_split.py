@@ -30,6 +30,7 @@ from seal_gguf.errors import InputError, OutputExistsError
 from seal_gguf.fileio import atomic_dir, atomic_file
 from seal_gguf.fold.gguf import fold_gguf
 from seal_gguf.gguffile.header import read_gguf_header
+from seal_gguf.gguffile.metadata import read_gguf_facts
 from seal_gguf.gguffile.split import gguf_output, parse_split_size, single_gguf, split_gguf
 from seal_gguf.ship.chat import ChatSession
 
@@ -282,6 +283,42 @@ def test_a_later_part_is_refused_by_name(parts: list[Path], command: list[str], 
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(InputError, match=f"part 3 of {n} of a split GGUF"):
         ChatSession(parts[2])
+
+
+@pytest.mark.parametrize("command", [
+    ["inspect", "{part}"],
+    ["card", "{part}", "-o", "{tmp}/card.md"],
+    ["ollama", "{part}", "-o", "{tmp}/Modelfile"],
+    ["eval", "{part}", "--samples", "1"],
+    ["quantize", "{part}", "{tmp}/out.gguf", "q8_0"],
+], ids=lambda command: command[0])
+def test_a_first_part_without_its_parts_is_refused(parts: list[Path], command: list[str], tmp_path: Path) -> None:
+    """Every command that reads a split GGUF checks all its parts before any work, in seal-gguf's words."""
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    first = Path(shutil.copy(parts[0], lone / parts[0].name))
+    args = [arg.format(part=first, tmp=tmp_path) for arg in command]
+    one_line_error(invoke(*args), f"part 2 of {len(parts)} of this split GGUF, {parts[1].name}, is missing")
+    assert sorted(tmp_path.iterdir()) == [lone] and list(lone.iterdir()) == [first]
+
+
+def test_a_renamed_later_part_names_no_missing_file(parts: list[Path], tmp_path: Path) -> None:
+    renamed = Path(shutil.copy(parts[1], tmp_path / "second.gguf"))
+    one_line_error(invoke("inspect", renamed), f"part 2 of {len(parts)} of a split GGUF, renamed; give the first part",
+                   f"NAME-00001-of-{len(parts):05d}.gguf")
+
+
+def test_ollama_refuses_a_split_gguf_and_inspect_and_card_count_its_parts(parts: list[Path], tmp_path: Path) -> None:
+    """Ollama imports one GGUF file (ollama/ollama#5245): no Modelfile for a split one. inspect and the card
+    say the file is the first of N parts, and the card gives the size of them all."""
+    n = len(parts)
+    one_line_error(invoke("ollama", parts[0], "-o", tmp_path / "Modelfile"),
+                   f"the first of {n} parts of a split GGUF; Ollama imports one GGUF file")
+    assert not (tmp_path / "Modelfile").exists()
+    result = invoke("inspect", parts[0])
+    assert result.exit_code == 0 and f"GGUF (first of {n} parts)" in result.output, result.output
+    facts = read_gguf_facts(parts[0])
+    assert facts.parts == n and facts.size == sum(p.stat().st_size for p in parts)
 
 
 def test_interrupt_leaves_no_part(base: Path, scales: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

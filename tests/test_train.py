@@ -14,7 +14,7 @@ from seal_gguf.cases import encode_case, load_cases, wrap_prompt
 from seal_gguf.cli.app import Terminated, cli
 from seal_gguf.constants import ScalesMeta
 from seal_gguf.errors import InputError
-from seal_gguf.learn.anchor import ANCHOR_PROMPTS, generated_windows, interleave
+from seal_gguf.learn.anchor import ANCHOR_PROMPTS, MIN_REPLY_TOKENS, generated_windows, interleave
 from seal_gguf.learn.objective import (
     BUILTIN_ANCHOR,
     DEFAULT_ANCHOR_WEIGHT,
@@ -208,19 +208,24 @@ def test_generated_anchor_windows_are_the_models_own_replies(loaded) -> None:
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
-    windows = generated_windows(model, tokenizer, 3, 48, seed=5, device=CPU, progress=False)
+    windows = generated_windows(model, tokenizer, 3, 96, seed=5, device=CPU, progress=False)
     assert torch.equal(torch.rand(1), expected_next)
-    assert len(windows) == 3 and all(len(w) <= 48 for w in windows)
+    assert len(windows) == 3 and all(len(w) <= 96 for w in windows)
     for window in windows:
         text = tokenizer.decode(window)
         prompt = next(p for p in ANCHOR_PROMPTS if p in text)
         request = tokenizer(wrap_prompt(tokenizer, prompt, ""), add_special_tokens=False).input_ids
         assert window[:len(request)] == request and len(window) > len(request)
-    assert generated_windows(model, tokenizer, 3, 48, seed=5, device=CPU, progress=False) == windows
-    assert generated_windows(model, tokenizer, 3, 48, seed=6, device=CPU, progress=False) != windows
-    assert generated_windows(model, tokenizer, 0, 48, seed=5, device=CPU, progress=False) == []
-    with pytest.raises(InputError, match="longer --anchor-window"):
-        generated_windows(model, tokenizer, 1, 8, seed=5, device=CPU, progress=False)
+    assert generated_windows(model, tokenizer, 3, 96, seed=5, device=CPU, progress=False) == windows
+    assert generated_windows(model, tokenizer, 3, 96, seed=6, device=CPU, progress=False) != windows
+    assert generated_windows(model, tokenizer, 0, 96, seed=5, device=CPU, progress=False) == []
+    longest = max(len(tokenizer(wrap_prompt(tokenizer, p, ""), add_special_tokens=False).input_ids)
+                  for p in ANCHOR_PROMPTS)
+    with pytest.raises(InputError, match=f"use --anchor-window {longest + MIN_REPLY_TOKENS} or more"):
+        generated_windows(model, tokenizer, len(ANCHOR_PROMPTS), longest + MIN_REPLY_TOKENS - 1, seed=5, device=CPU,
+                          progress=False)  # every request asked: the longest is among them
+    assert len(generated_windows(model, tokenizer, 1, longest + MIN_REPLY_TOKENS, seed=5, device=CPU,
+                                 progress=False)) == 1
 
 
 def test_interleave_spreads_both_kinds_through_the_cycle() -> None:
@@ -235,10 +240,10 @@ def test_train_with_generated_anchor_records_it(llama: Path, tmp_path: Path) -> 
     out = tmp_path / "s.safetensors"
     result = CliRunner().invoke(cli, [
         "train", str(llama), "-o", str(out), "--task", "passkey", "--samples", "2", "--length", "160",
-        "--anchor-window", "64", "--anchor-generated", "2", "--device", "cpu", "--eval-samples", "0",
+        "--anchor-window", "96", "--anchor-generated", "2", "--device", "cpu", "--eval-samples", "0",
         "--general-tokens", "0", "-q"])
     assert result.exit_code == 0, result.output
-    assert "Anchor: λ = 40 on built-in + 2 generated text, 64-token windows" in result.output
+    assert "Anchor: λ = 40 on built-in + 2 generated text, 96-token windows" in result.output
     assert load_scales(out, model_layout(llama)).metadata[ScalesMeta.ANCHOR_TEXT] == "built-in + 2 generated"
     off = CliRunner().invoke(cli, [
         "train", str(llama), "-o", str(tmp_path / "off.safetensors"), "--task", "passkey", "--samples", "1",

@@ -43,13 +43,14 @@ class NumberList(click.ParamType):
 @click.option("--task", type=click.Choice(TASKS), default="lines", show_default=True, help="Retrieval task.")
 @click.option("--lengths", type=NumberList(int), default="1024", show_default=True,
               help="Prompt lengths in tokens, comma-separated.")
-@click.option("--samples", type=int, default=20, show_default=True,
+@click.option("--samples", type=click.IntRange(min=1), default=20, show_default=True,
               help="Cases per length (per length and depth with --depths).")
 @click.option("--depths", type=NumberList(float), default=None,
               help="Depths of the line / needle in percent, comma-separated [niah: 0,25,50,75,100].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated cases.")
 @click.option("--scales", type=PATH, default=None, help="Scales file applied (by hooks) to the HF model folders.")
-@click.option("--max-tokens", type=int, default=16, show_default=True, help="Answer tokens generated per case.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Answer tokens generated per case.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per model [default: llama.cpp's and PyTorch's own].")
 @click.option("--general", is_flag=True,

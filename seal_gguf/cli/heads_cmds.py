@@ -37,7 +37,7 @@ from .app import PATH, cli, handle_errors, quiet_option
 @click.option("--mode", type=click.Choice(MODES), default=MODE_ATTRIBUTION, show_default=True,
               help="attribution: one forward and backward pass per case estimates every head's effect (first "
                    "order); exact: every head ablated in turn.")
-@click.option("--exact", "exact_top", type=int, default=None, metavar="TOP_K",
+@click.option("--exact", "exact_top", type=click.IntRange(min=0), default=None, metavar="TOP_K",
               help="After attribution, also ablate exactly the TOP_K heads with the largest estimated effect.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default=GRANULARITY_HEAD, show_default=True,
               help="Estimate per head, or per channel of each head (SEAL-C's scales; attribution only).")

@@ -63,7 +63,8 @@ def inspect(path: Path, as_json: bool, plot_out: Path | None, force: bool) -> No
     elif report["kind"] == "gguf":
         meta = report["metadata"]
         seal = {k: v for k, v in meta.items() if k.startswith("seal.")}
-        click.echo(f"{path}: GGUF, architecture {meta.get('general.architecture')}")
+        split = f" (first of {report['parts']} parts)" if report["parts"] > 1 else ""
+        click.echo(f"{path}: GGUF{split}, architecture {meta.get('general.architecture')}")
         if not seal:
             click.echo("  no SEAL provenance (seal.* keys): not folded by seal-gguf")
         for key, value in seal.items():

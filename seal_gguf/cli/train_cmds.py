@@ -59,7 +59,7 @@ def _accuracy(result: tuple[int, int] | None) -> str:
               help="UTF-8 text file for the anchor term [default: the built-in anchor text].")
 @click.option("--anchor-generated", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Also anchor on N windows the model writes itself before training: its own sampled replies "
-                   "to varied requests (seeded by --seed), in its chat template and languages; no data set needed.")
+                   "to varied (English) requests in its chat template, seeded by --seed; no data set needed.")
 @click.option("--anchor-window", type=click.IntRange(min=2), default=DEFAULT_ANCHOR_WINDOW, show_default=True,
               help="Tokens of anchor text per training step (windows cycled).")
 @click.option("--cache-teacher", is_flag=True,
@@ -156,7 +156,9 @@ def train(model_dir: Path, output: Path, granularity: str, task: str, samples: i
     if result.anchor_kls:
         kls = result.anchor_kls
         click.echo(f"Anchor: λ = {anchor_weight:g} on {meta.get('anchor_text')} text, {anchor_window}-token windows; "
-                   f"KL(base ‖ SEAL) on them {sum(kls[:window]) / window:.4f} -> {sum(kls[-window:]) / window:.4f}")
+                   # KL >= 0; a float16 teacher cache can round it a hair below at the identity
+                   f"KL(base ‖ SEAL) on them {max(0.0, sum(kls[:window]) / window):.4f} -> "
+                   f"{max(0.0, sum(kls[-window:]) / window):.4f}")
     line = f"Held-out accuracy: before {_accuracy(result.heldout_before)}, after {_accuracy(result.heldout_after)}"
     cost = result.general_cost
     if cost is not None:

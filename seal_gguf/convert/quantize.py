@@ -26,6 +26,7 @@ from seal_gguf.errors import EngineError, InputError, ScalesError
 from seal_gguf.fileio import check_output_path, no_room_error, require_file
 from seal_gguf.gguffile.header import read_metadata
 from seal_gguf.gguffile.metadata import file_type_name
+from seal_gguf.gguffile.split import read_gguf_parts
 
 # llama-quantize's type names -> llama_ftype constants of llama-cpp-python
 QUANT_TYPES: dict[str, str] = {
@@ -416,6 +417,7 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
         if f.read(4) != b"GGUF":
             raise InputError(f"{in_path}: not a GGUF file (bad magic)")
     file_type = file_type_name(read_metadata(in_path).get("general.file_type"))  # a truncated file fails here
+    read_gguf_parts(in_path)  # a split GGUF: every part there, from one split (llama.cpp's own errors are vaguer)
     if file_type not in QUANTIZABLE_FROM + ("unknown",):
         raise InputError(f"{in_path}: a {file_type} GGUF; llama.cpp's quantizer starts from f32, f16 or bf16 "
                          "(requantizing loses quality): convert the model again with --outtype f16, bf16 or f32")

@@ -200,6 +200,9 @@ def read_model_header(path: Path) -> tuple[GGUFHeader, bytes]:
     header, raw = read_gguf_header(path)
     number, count = split_position(header)
     if number != 1:
+        if PART_NAME.search(Path(path).name) is None:  # renamed: the first part's name cannot be told
+            raise InputError(f"{path}: part {number} of {count} of a split GGUF, renamed; give the first part, "
+                             f"with the parts named NAME-00001-of-{count:05d}.gguf ... as llama.cpp finds them")
         raise InputError(f"{path}: part {number} of {count} of a split GGUF; give the first part, "
                          f"{part_paths(Path(path), count)[0].name}")
     return header, raw

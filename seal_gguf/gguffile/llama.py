@@ -50,16 +50,17 @@ def load_llama(path: Path, n_ctx: int, *, exact: bool = False, logits_all: bool 
 
 def load_error(path: Path, exc: BaseException) -> InputError:
     """The error for a GGUF that llama.cpp failed to load with `exc`: for a split GGUF given by a part other
-    than the first, or whose parts are missing or from different splits, what read_gguf_parts says
-    (llama.cpp only says that it failed); else llama.cpp's own reason."""
+    than the first, or whose parts are missing or from different splits, what read_gguf_parts says, and
+    for a file whose header does not read, what the header reader says (llama.cpp only says that it
+    failed); else llama.cpp's own reason."""
     from seal_gguf.gguffile.header import read_gguf_header  # imports gguf
     from seal_gguf.gguffile.split import SPLIT_PREFIX, read_gguf_parts
 
     cannot = InputError(f"{path}: llama.cpp cannot load this GGUF ({first_line(exc)})")
     try:
         header, _ = read_gguf_header(Path(path))
-    except InputError:  # not even its header reads: llama.cpp's reason stands
-        return cannot
+    except InputError as unreadable:  # not even its header reads: say where (llama.cpp only says it failed)
+        return unreadable
     if not any(key.startswith(SPLIT_PREFIX) for key in header.kv):
         return cannot
     try:

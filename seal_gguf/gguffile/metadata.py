@@ -11,7 +11,8 @@ from typing import Any
 
 from seal_gguf.constants import CHAT_TEMPLATE_KEY, GGUF_RECIPE_KEYS, GGUF_SEAL_PREFIX, GGUFKeys
 from seal_gguf.fileio import require_file, require_gguf
-from seal_gguf.gguffile.header import read_metadata, read_model_header, string_array
+from seal_gguf.gguffile.header import read_metadata, string_array
+from seal_gguf.gguffile.split import read_gguf_parts
 
 TOKENS_KEY = "tokenizer.ggml.tokens"  # gguf-py: Keys.Tokenizer.LIST
 HF_URL = re.compile(r"^https?://huggingface\.co/(?P<repo>[\w.-]+/[\w.-]+)/?$")
@@ -30,7 +31,8 @@ class GGUFFacts:
     metadata: dict[str, Any]  # scalars, numeric arrays and short string arrays (gguffile.header)
     bos_text: str
     eos_text: str
-    size: int
+    size: int  # bytes, of every part of a split GGUF together
+    parts: int = 1  # files: more than 1 for a split GGUF given by its first part
 
     @property
     def architecture(self) -> str:
@@ -98,9 +100,12 @@ class GGUFFacts:
 
 
 def read_gguf_facts(path: Path) -> GGUFFacts:
-    """The GGUF's metadata (scalars, numeric arrays, short string arrays) and its BOS / EOS token texts."""
+    """The GGUF's metadata (scalars, numeric arrays, short string arrays) and its BOS / EOS token texts.
+    A split GGUF is given by its first part; raises InputError (read_gguf_parts) for a later part, a
+    missing part or parts from different splits."""
     path = require_gguf(Path(path))
-    header, raw = read_model_header(path)
+    parts = read_gguf_parts(path)
+    header, raw = parts[0].header, parts[0].raw
     metadata = {key: entry.value for key, entry in header.kv.items() if entry.value is not None}
     tokens_entry = header.kv.get(TOKENS_KEY)
     tokens = string_array(raw, tokens_entry) if tokens_entry is not None else []
@@ -110,7 +115,8 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
         return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else ""
 
     return GGUFFacts(path, metadata, token_text("tokenizer.ggml.bos_token_id"),
-                     token_text("tokenizer.ggml.eos_token_id"), path.stat().st_size)
+                     token_text("tokenizer.ggml.eos_token_id"), sum(part.path.stat().st_size for part in parts),
+                     len(parts))
 
 
 def file_type_name(value: int | None) -> str:

@@ -10,8 +10,8 @@ measure/generaltext, on which the cost of SEAL is measured (seal_gguf.measure.ge
 must never be mixed, or the measured cost would be taken on text the scales were trained on.
 
 The model can also write anchor text itself (`generated_windows`, `train --anchor-generated N`): its
-own sampled replies to varied requests, in its chat template. That text needs no data set, comes
-in the model's own languages and style, and puts the anchor where the model is used: in replies
+own sampled replies to varied requests (in English), in its chat template. That text needs no data
+set, is in the model's own style, and puts the anchor where the model is used: in replies
 (issue 19 names the base model's own continuations as an anchor source).
 """
 
@@ -33,6 +33,8 @@ from seal_gguf.texts import Document, packaged_documents, read_text_document, sp
 ANCHOR_FOLDER = "anchortext"
 # Replies sampled together: one batched generate call per GENERATION_BATCH windows.
 GENERATION_BATCH = 8
+# A generated window must leave at least this many tokens for the reply (the request is the model's input).
+MIN_REPLY_TOKENS = 32
 # Requests the model answers in its own words for generated anchor windows: everyday kinds of use
 # (explaining, advising, writing, coding, planning, chatting), none of them retrieval from a context.
 ANCHOR_PROMPTS = (
@@ -131,7 +133,7 @@ def generated_windows(model: Any, tokenizer: Any, count: int, window: int, seed:
     with the scale hooks detached: the text is the base model's.
 
     Shape: `count` lists of token ids, each at most `window` long. Raises InputError when a request in
-    the chat template already fills the window.
+    the chat template leaves less than MIN_REPLY_TOKENS of the window for the reply.
     """
     if count < 0:
         raise InputError(f"generated anchor windows must be >= 0, not {count}")
@@ -140,9 +142,10 @@ def generated_windows(model: Any, tokenizer: Any, count: int, window: int, seed:
     prompts = [list(tokenizer(wrap_prompt(tokenizer, order[k % len(order)], ""), add_special_tokens=False).input_ids)
                for k in range(count)]
     longest = max((len(p) for p in prompts), default=0)
-    if longest >= window:
-        raise InputError(f"a request in the chat template takes {longest} tokens, the whole anchor window "
-                         f"of {window}: use a longer --anchor-window")
+    if longest + MIN_REPLY_TOKENS > window:
+        raise InputError(f"the requests take up to {longest} tokens in the chat template, leaving less than "
+                         f"{MIN_REPLY_TOKENS} for the model's reply in an anchor window of {window}: use "
+                         f"--anchor-window {longest + MIN_REPLY_TOKENS} or more")
     stop = stop_token_ids(model, tokenizer)
     windows: list[list[int]] = []
     with tqdm(total=count, desc="anchor text", unit="window", disable=not progress, leave=False) as bar:

@@ -21,6 +21,7 @@ from seal_gguf.cases import TASKS, Case, score_answer
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import atomic_file, require_gguf
 from seal_gguf.gguffile.header import read_metadata
+from seal_gguf.gguffile.split import read_gguf_parts
 from seal_gguf.measure.general import GeneralCost, describe_costs, general_costs
 from seal_gguf.measure.runners import open_runner
 from seal_gguf.model.architectures import model_layout, read_config
@@ -184,7 +185,7 @@ def _check_model(model: Path) -> None:
     elif not model.exists():
         raise InputError(f"{model}: no such GGUF file or model folder")
     else:
-        require_gguf(model)
+        read_gguf_parts(require_gguf(model))  # a split GGUF: every part there, from one split
 
 
 def model_names(models: Sequence[Path], scales: Path | None) -> list[str]:

@@ -330,7 +330,9 @@ def render_card(facts: GGUFFacts, recipe: Recipe | None, validation: tuple[dict[
                   "the scales cost nothing at inference. llama.cpp, llama-server, Ollama and LM Studio run this file "
                   "unchanged, at the speed of the unmodified model.", ""]
     lines += [*_table(["file", "type", "size", "architecture", "layers × heads × head size", "context length"],
-                      [[f"`{facts.path.name}`", facts.file_type, f"{size:.1f} MB", facts.architecture, shape,
+                      [[f"`{facts.path.name}`" + (f" (first of {facts.parts} parts, loaded together)"
+                                                  if facts.parts > 1 else ""),
+                        facts.file_type, f"{size:.1f} MB", facts.architecture, shape,
                         str(facts.context_length or "?")]]), ""]
     if granularity:
         lines += seal_section(facts, recipe)

@@ -9,6 +9,7 @@ from seal_gguf.constants import CONFIG_FOLD_KEY
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import require_file
 from seal_gguf.gguffile.metadata import gguf_seal_metadata
+from seal_gguf.gguffile.split import read_gguf_parts
 from seal_gguf.model.architectures import read_config
 from seal_gguf.scales import read_scales, summarize_scales
 
@@ -24,7 +25,8 @@ def inspect_path(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return {"kind": "gguf", "path": str(path), "metadata": gguf_seal_metadata(path)}
+        parts = read_gguf_parts(path)  # a split GGUF: every part there, from one split
+        return {"kind": "gguf", "path": str(path), "metadata": gguf_seal_metadata(path), "parts": len(parts)}
     if path.suffix.lower() == ".gguf":
         raise InputError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
     scales = read_scales(path)
