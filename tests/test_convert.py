@@ -164,6 +164,17 @@ def test_seal_keys_in_gguf(ggufs, llama: Path, scales: dict[str, Path]) -> None:
     assert seal_fields(ggufs("base", "q8_0")) == {}
 
 
+@pytest.mark.parametrize(("outtype", "granularity"), [("f32", "channel"), ("q8_0", "head")])
+def test_fold_then_convert_records_the_fold(ggufs, scales: dict[str, Path], outtype: str, granularity: str,
+                                           tmp_path: Path) -> None:
+    """A checkpoint folded by `fold`, then converted: its GGUF carries the seal.* keys fold-and-convert
+    writes for the same scales, so it describes itself and is never folded a second time."""
+    patched, folded = ggufs("patch", outtype, granularity), ggufs("fold", outtype, granularity)
+    assert seal_fields(folded) == seal_fields(patched) and seal_fields(folded)[GGUFKeys.GRANULARITY] == granularity
+    refused("fold-gguf", folded, scales[granularity], "-o", tmp_path / "twice.gguf",
+            match="already has SEAL scales folded in", out=tmp_path / "twice.gguf")
+
+
 def test_gguf_records_the_training_recipe(llama: Path, converter: Path, tmp_path: Path) -> None:
     layout = model_layout(llama)
     recipe = {key: f"value of {key}" for key in GGUF_RECIPE_KEYS} | {ScalesMeta.LENGTH: "320"}
@@ -174,6 +185,8 @@ def test_gguf_records_the_training_recipe(llama: Path, converter: Path, tmp_path
     out = convert_to_gguf(llama, tmp_path / "trained.gguf", "f32", path, llama_cpp=converter, progress=False)
     meta = seal_fields(out)
     assert {key: meta.get(GGUF_SEAL_PREFIX + key) for key in GGUF_RECIPE_KEYS} == recipe
+    folded = fold_checkpoint(llama, path, tmp_path / "folded", progress=False).out_dir
+    assert seal_fields(convert_to_gguf(folded, tmp_path / "folded.gguf", "f32", progress=False)) == meta
     # the converter-side module is standalone: its copy of the key list must stay the same as ours
     patch = Path(convert_module.__file__).parent / "patches" / "0001-convert-seal-scales.patch"
     found = re.search(r"^\+RECIPE_KEYS = (\(.*?\))$", patch.read_text(), re.S | re.M)

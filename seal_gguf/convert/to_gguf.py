@@ -30,7 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from seal_gguf.constants import F16_MAX, ScalesMeta
+from seal_gguf.constants import CONFIG_FOLD_KEY, F16_MAX, ScalesMeta
 from seal_gguf.convert.quantize import (
     ATTN_OUTPUT_PATTERN,
     FLOAT_TYPES,
@@ -480,7 +480,8 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
     single file its parts replace). Returns the files written, in the order of `outputs` (for a split output
     its first part).
     """
-    from seal_gguf.gguffile.split import check_no_parts, gguf_output  # imports gguf
+    from seal_gguf.fold.gguf import add_seal_pairs, fold_record_pairs  # imports gguf
+    from seal_gguf.gguffile.split import check_no_parts, gguf_output
 
     model_dir = Path(model_dir)
     outputs = {name.lower(): Path(path) for name, path in outputs.items()}
@@ -514,6 +515,11 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
     elif config.get("model_type") in supported_model_types():
         # weights that do not fit config.json would convert into a GGUF llama.cpp cannot load
         locate_o_proj(headers, layout_from_config(config, model_dir / "config.json"))
+    # a checkpoint folded by `seal-gguf fold`: its GGUF records the fold as fold-and-convert's does, so that
+    # inspect, card and validate know it and fold-gguf refuses to fold it again
+    record = config.get(CONFIG_FOLD_KEY)
+    fold_pairs = (fold_record_pairs(record, layout_from_config(config, model_dir / "config.json"))
+                  if scales is None and isinstance(record, dict) else None)
     if resume and split_max_size is not None:
         raise InputError("--resume keeps whole GGUF files; a split set is made again (--force) instead")
     sha256 = sha256_file(scales) if scales is not None and resume and not force else None
@@ -546,6 +552,8 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
                 with output(name) as out:
                     run_converter(root, source, out.path, converter_type, scales, progress=progress,
                                   verbose=verbose)
+                    if fold_pairs is not None:
+                        add_seal_pairs(out.path, fold_pairs)
                     if rope is not None:
                         check_gguf_extension(out.path, config, rope)
                     check_written_gguf(out.path, converter_plan(converter_type), folded=scales is not None,
@@ -555,6 +563,8 @@ def convert_to_ggufs(model_dir: Path, outputs: Mapping[str, Path], scales: Path 
                 order = sorted(todo, key=lambda n: routes[n] is None)  # the intermediate renamed last
                 with intermediate_file(todo[order[-1]], converter_type) as mid:
                     run_converter(root, source, mid, converter_type, scales, progress=progress, verbose=verbose)
+                    if fold_pairs is not None:
+                        add_seal_pairs(mid, fold_pairs)
                     if rope is not None:
                         check_gguf_extension(mid, config, rope)
                     check_written_gguf(mid, None, folded=scales is not None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable
@@ -40,11 +41,19 @@ from gguf.quants import dequantize, quantize
 from tqdm import tqdm
 
 from seal_gguf import __version__
-from seal_gguf.constants import F16_MAX, GGUF_RECIPE_KEYS, GGUF_SEAL_PREFIX, GGUFKeys, ScalesMeta
+from seal_gguf.constants import (
+    F16_MAX,
+    GGUF_RECIPE_KEYS,
+    GGUF_SEAL_PREFIX,
+    SCALES_FORMAT,
+    GGUFKeys,
+    ScalesMeta,
+)
 from seal_gguf.errors import AlreadyFoldedError, ArchitectureError, EngineError, InputError, ScalesError
-from seal_gguf.fileio import check_output_path, require_gguf
-from seal_gguf.gguffile.header import FIXED_HEADER, GGUFHeader, kv_pair
+from seal_gguf.fileio import atomic_file, check_output_path, require_gguf
+from seal_gguf.gguffile.header import FIXED_HEADER, GGUFHeader, kv_pair, read_gguf_header
 from seal_gguf.gguffile.split import (
+    COPY_BLOCK,
     GGUFPart,
     atomic_outputs,
     check_no_parts,
@@ -259,6 +268,31 @@ def seal_pairs(scales: SealScales, layout: ModelLayout, source_sha256: str) -> l
         *(kv_pair(GGUF_SEAL_PREFIX + key, scales.metadata[key]) for key in GGUF_RECIPE_KEYS
           if scales.metadata.get(key)),
     ]
+
+
+def fold_record_pairs(record: dict[str, str], layout: ModelLayout) -> list[bytes]:
+    """The seal.* keys of a GGUF converted from a checkpoint folded by `seal-gguf fold` (config.json's
+    record, seal_gguf.fold.hf.fold_record): those fold-and-convert writes for the same scales."""
+    return [
+        kv_pair(GGUFKeys.FORMAT, SCALES_FORMAT),
+        kv_pair(GGUFKeys.GRANULARITY, str(record.get("granularity", ""))),
+        kv_pair(GGUFKeys.SCALES_SHA256, str(record.get("scales_sha256", ""))),
+        kv_pair(GGUFKeys.NUM_LAYERS, layout.num_layers),
+        kv_pair(GGUFKeys.NUM_HEADS, layout.num_heads),
+        kv_pair(GGUFKeys.HEAD_DIM, layout.head_dim),
+        kv_pair(GGUFKeys.VERSION, str(record.get("seal_gguf_version", __version__))),
+        *(kv_pair(GGUF_SEAL_PREFIX + key, str(record[key])) for key in GGUF_RECIPE_KEYS if record.get(key)),
+    ]
+
+
+def add_seal_pairs(path: Path, seal: list[bytes]) -> None:
+    """Rewrite the GGUF at `path` (a plain GGUF, or a split GGUF's first part, which holds the metadata)
+    with `seal` as its seal.* keys; KV pairs, tensor infos and tensor data otherwise byte for byte."""
+    header, raw = read_gguf_header(path)
+    with atomic_file(path, force=True) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(output_header(header, raw, seal))
+        src.seek(header.data_offset)
+        shutil.copyfileobj(src, dst, COPY_BLOCK)
 
 
 def output_header(header: GGUFHeader, raw: bytes, seal: list[bytes]) -> bytes:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from seal_gguf import __version__
-from seal_gguf.constants import CONFIG_FOLD_KEY, F16_MAX, ScalesMeta
+from seal_gguf.constants import CONFIG_FOLD_KEY, F16_MAX, GGUF_RECIPE_KEYS, ScalesMeta
 from seal_gguf.errors import ScalesError
 from seal_gguf.fileio import atomic_dir, check_output_path
 from seal_gguf.model.architectures import ModelLayout, layout_from_config, read_config
@@ -51,10 +51,13 @@ def fold_weight(weight: torch.Tensor, column_scales: torch.Tensor) -> torch.Tens
 
 
 def fold_record(scales: SealScales) -> dict[str, str]:
+    """config.json's record of a fold: the scales' granularity and sha256, and their training recipe
+    (constants.GGUF_RECIPE_KEYS), which `convert` writes into the GGUF as fold-and-convert does."""
     return {
         "granularity": scales.granularity,
         "scales_sha256": scales.sha256 or "",
         "seal_gguf_version": __version__,
+        **{key: scales.metadata[key] for key in GGUF_RECIPE_KEYS if scales.metadata.get(key)},
     }
 
 
