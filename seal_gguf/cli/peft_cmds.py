@@ -29,7 +29,7 @@ def export_peft_cmd(scales: Path, model_dir: Path, out_dir: Path, force: bool) -
     written as SEAL-C (each head's scale repeated over its channels).
 
     \b
-    Example:
+    Example (then, in Python):
       seal-gguf export-peft scales.safetensors smol/ -o smol-seal-ia3/
       # model = PeftModel.from_pretrained(model, "smol-seal-ia3").merge_and_unload()
     """
@@ -54,7 +54,7 @@ def import_peft_cmd(adapter_dir: Path, out_path: Path, model_dir: Path | None, g
     Other adapters (LoRA, IA3 on k_proj / v_proj / down_proj, IA3 on o_proj's outputs) are refused.
 
     \b
-    Example:
+    Examples:
       seal-gguf import-peft my-ia3/ -o scales.safetensors --model smol/
       seal-gguf fold-and-convert smol/ scales.safetensors -o smol-seal.gguf --outtype q8_0
     """

@@ -288,7 +288,9 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     if not model_dir.exists():
         raise InputError(f"{model_dir}: no such folder")
     if not model_dir.is_dir():
-        raise InputError(f"{model_dir}: expected a model folder (with config.json), found a file")
+        hint = (f"; to start from this GGUF, turn it into one with `seal-gguf import-gguf {model_dir} "
+                f"{model_dir.with_suffix('')}-hf/`" if model_dir.suffix.lower() == ".gguf" else "")
+        raise InputError(f"{model_dir}: expected a model folder (with config.json), found a file{hint}")
     path = model_dir / "config.json"
     if not path.is_file():
         raise InputError(f"{path}: missing; is {model_dir} a Hugging Face model folder?")
