@@ -222,6 +222,13 @@ def test_fold_gguf_reads_and_writes_parts(base: Path, parts: list[Path], scales:
     assert seal[GGUFKeys.SOURCE_GGUF_SHA256].value == hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
     assert seal.keys() == {k for k in read_gguf_header(single)[0].kv if k.startswith("seal.")}
     assert np.array_equal(llama_cpp_logits(folded[0], IDS), llama_cpp_logits(single, IDS))
+    # the card names the first part as such and gives the size of all the parts
+    card = invoke("card", folded[0], "-o", tmp_path / "card.md")
+    assert card.exit_code == 0, card.output
+    text = (tmp_path / "card.md").read_text(encoding="utf-8")
+    assert f"`{folded[0].name}` (first of {n} parts, loaded together)" in text
+    assert f"{sum(p.stat().st_size for p in folded) / 1e6:.1f} MB" in text
+    (tmp_path / "card.md").unlink()
     # --split-max-size: the unsplit GGUF folded into parts of its own size
     result = invoke("fold-gguf", base, scales, "-o", tmp_path / "resplit.gguf", "--split-max-size", "1M", "-q")
     assert result.exit_code == 0, result.output
