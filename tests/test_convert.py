@@ -351,8 +351,10 @@ def test_existing_output_without_force(llama: Path, scales: dict[str, Path], tmp
     out.write_bytes(b"keep me")
     refused("fold-and-convert", llama, scales["head"], "-o", out, match="already exists")
     assert out.read_bytes() == b"keep me"
-    refused("convert", llama, "-o", tmp_path, "--force", match="is a folder")
-    assert out.read_bytes() == b"keep me"
+    # -o FOLDER (one type): the GGUF goes inside, named after the model and type; --force never touches the folder
+    result = invoke("convert", llama, "-o", tmp_path, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model-f16.gguf").is_file() and out.read_bytes() == b"keep me"
 
 
 def test_already_folded_model(folded: dict[str, Path], scales: dict[str, Path], tmp_path: Path) -> None:
