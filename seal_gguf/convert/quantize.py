@@ -416,8 +416,9 @@ def quantize(in_path: Path, out_path: Path, qtype: str, *, imatrix: Path | None 
     with open(in_path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InputError(f"{in_path}: not a GGUF file (bad magic)")
-    file_type = file_type_name(read_metadata(in_path).get("general.file_type"))  # a truncated file fails here
-    read_gguf_parts(in_path)  # a split GGUF: every part there, from one split (llama.cpp's own errors are vaguer)
+    # a truncated file fails here; a split GGUF: every part there, from one split (llama.cpp's errors are vaguer)
+    file_type_entry = read_gguf_parts(in_path)[0].header.kv.get("general.file_type")
+    file_type = file_type_name(file_type_entry.value if file_type_entry is not None else None)
     if file_type not in QUANTIZABLE_FROM + ("unknown",):
         raise InputError(f"{in_path}: a {file_type} GGUF; llama.cpp's quantizer starts from f32, f16 or bf16 "
                          "(requantizing loses quality): convert the model again with --outtype f16, bf16 or f32")

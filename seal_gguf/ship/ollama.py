@@ -22,7 +22,6 @@ from seal_gguf import __version__
 from seal_gguf.errors import InputError
 from seal_gguf.fileio import atomic_file, check_output_path, require_file, require_gguf
 from seal_gguf.gguffile.metadata import GGUFFacts, read_gguf_facts
-from seal_gguf.gguffile.split import read_gguf_parts
 from seal_gguf.ship.gotemplate import (
     GoTemplateError,
     Unsupported,
@@ -307,17 +306,16 @@ def write_modelfile(gguf: Path, out: Path | None = None, *, template: Path | Non
     GGUF records: `scales`, or the bundled scales), else the model's context length, capped.
     """
     gguf = require_gguf(Path(gguf))
-    parts = read_gguf_parts(gguf)
-    if len(parts) > 1:
-        # ollama/ollama#5245: `ollama create` reads one GGUF file
-        raise InputError(f"{gguf}: the first of {len(parts)} parts of a split GGUF; Ollama imports one GGUF file, so "
-                         "merge the parts first (llama.cpp's llama-gguf-split --merge) or convert without "
-                         "--split-max-size")
     out = Path(out) if out is not None else default_modelfile(gguf)
     if num_ctx is not None and num_ctx <= 0:
         raise InputError(f"--num-ctx must be a positive number of tokens (got {num_ctx})")
     check_output_path(out, force, inputs=[gguf, template, scales])
-    facts = read_gguf_facts(gguf)
+    facts = read_gguf_facts(gguf)  # a split GGUF: every part checked
+    if facts.parts > 1:
+        # ollama/ollama#5245: `ollama create` reads one GGUF file
+        raise InputError(f"{gguf}: the first of {facts.parts} parts of a split GGUF; Ollama imports one GGUF file, "
+                         "so merge the parts first (llama.cpp's llama-gguf-split --merge) or convert without "
+                         "--split-max-size")
     translation = own_template(facts, template, stop) if template is not None else translate(facts)
     if translation.family is not None and stop:
         translation = Translation(translation.family, translation.template, translation.system, tuple(stop), True)
